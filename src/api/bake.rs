@@ -1,0 +1,158 @@
+//! `Bake`: one request to bake an AMI for a service version.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A request to bake one AMI: a service at a version, with a virtualization type, using a
+/// BakeTemplate. The operator runs `packer build` in a pod and writes the phase and the resulting
+/// AMI id to the status. The spec cannot be changed after creation: to bake again, create a new
+/// Bake.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "baker.io",
+    version = "v1alpha1",
+    kind = "Bake",
+    namespaced,
+    status = "BakeStatus",
+    shortname = "bk",
+    category = "baker",
+    doc = "A request to bake one AMI for a service version with a BakeTemplate. The status carries the phase and the AMI id.",
+    printcolumn(name = "Service", type_ = "string", json_path = ".spec.service"),
+    printcolumn(name = "Version", type_ = "string", json_path = ".spec.version"),
+    printcolumn(name = "Virt", type_ = "string", json_path = ".spec.virtualizationType"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "AMI", type_ = "string", json_path = ".status.amiId"),
+    printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 63").message("a Bake's name must be at most 63 characters (it names and labels the bake pod)")
+)]
+#[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("spec is immutable: create a new Bake to bake again"))]
+#[serde(rename_all = "camelCase")]
+pub struct BakeSpec {
+    /// Name of the BakeTemplate (cluster-scoped) to bake with, e.g. `ebs-example`.
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')").message("template must name a BakeTemplate: lowercase letters, digits, '-' and '.'"))]
+    #[schemars(length(min = 1, max = 253))]
+    pub template: String,
+
+    /// The service to bake, as a DNS-1123 label (lowercase letters, digits and '-'), e.g.
+    /// `simple-service`. Provisioning steps see it as `BAKE_SERVICE`.
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("service must be a DNS-1123 label: lowercase letters, digits and '-', starting and ending with a letter or digit"))]
+    #[schemars(length(min = 1, max = 63))]
+    pub service: String,
+
+    /// The package version to bake, e.g. `1.0.4`: letters, digits, '.', '_', '+', '~' and '-',
+    /// starting with a letter or digit. Provisioning steps see it as `BAKE_VERSION`.
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[A-Za-z0-9][A-Za-z0-9._+~-]*$')").message("version must be a package version: letters, digits, '.', '_', '+', '~' and '-', starting with a letter or digit"))]
+    #[schemars(length(min = 1, max = 64))]
+    pub version: String,
+
+    /// Virtualization type of the AMI: `hvm` or `paravirtual`.
+    pub virtualization_type: VirtualizationType,
+}
+
+/// EC2 virtualization type.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum VirtualizationType {
+    Hvm,
+    Paravirtual,
+}
+
+impl VirtualizationType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VirtualizationType::Hvm => "hvm",
+            VirtualizationType::Paravirtual => "paravirtual",
+        }
+    }
+}
+
+/// Where a Bake is in its life.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema, Default)]
+pub enum BakePhase {
+    /// Accepted; waiting for its template, source image or bake pod to start.
+    #[default]
+    Pending,
+    /// Packer is running.
+    Running,
+    /// The AMI exists; its id is in `amiId`.
+    Succeeded,
+    /// The bake ended without an AMI; `message` says why.
+    Failed,
+}
+
+impl BakePhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BakePhase::Pending => "Pending",
+            BakePhase::Running => "Running",
+            BakePhase::Succeeded => "Succeeded",
+            BakePhase::Failed => "Failed",
+        }
+    }
+
+    pub fn is_terminal(self) -> bool {
+        matches!(self, BakePhase::Succeeded | BakePhase::Failed)
+    }
+}
+
+/// What the operator observed and did for a Bake.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BakeStatus {
+    /// `Pending`, `Running`, `Succeeded` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<BakePhase>,
+
+    /// The baked AMI, once it exists in EC2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ami_id: Option<String>,
+
+    /// The region the AMI was baked in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+
+    /// The image the bake started from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ami_id: Option<String>,
+
+    /// The pod that runs (or ran) packer; `kubectl logs` it to see packer's output. Recorded
+    /// before the pod is created, so a restarted operator never starts a second one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_name: Option<String>,
+
+    /// UID of that pod, once seen: if a pod of this name with another UID or no pod at all is
+    /// found later, the original was deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
+
+    /// When the bake pod was launched.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<Time>,
+
+    /// When the bake reached `Succeeded` or `Failed`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<Time>,
+
+    /// A human-readable account of the current phase; for a failed bake, the end of packer's
+    /// error output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready` (True once the AMI exists), `Reconciling` (True while work is under way) and
+    /// `Stalled` (True when the bake failed and will not make progress by itself), per kstatus.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::api::conditions::conditions_schema")]
+    pub conditions: Vec<Condition>,
+}
+
+impl Bake {
+    pub fn phase(&self) -> Option<BakePhase> {
+        self.status.as_ref().and_then(|s| s.phase)
+    }
+}

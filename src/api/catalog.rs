@@ -1,0 +1,107 @@
+//! `AmiCatalog`: a mirror of recent images from EC2 (the seed's `GET /amis` and
+//! `GET /amis/:service`).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// A mirror of recent AMIs that match a query: the newest images of one service, a base image
+/// family, or a public image family. Bakes can start from the latest image of a catalog.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "baker.io",
+    version = "v1alpha1",
+    kind = "AmiCatalog",
+    namespaced,
+    status = "AmiCatalogStatus",
+    shortname = "amic",
+    category = "baker",
+    doc = "A mirror of the newest AMIs in EC2 that match a query (owners, name pattern, tags, or a service).",
+    printcolumn(name = "Latest", type_ = "string", json_path = ".status.latest.imageId"),
+    printcolumn(name = "Images", type_ = "integer", json_path = ".status.count"),
+    printcolumn(name = "Last Sync", type_ = "date", json_path = ".status.lastSyncTime"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct AmiCatalogSpec {
+    /// AWS region to list images in.
+    #[schemars(length(min = 1, max = 32))]
+    pub region: String,
+
+    /// Image owners: account ids, `self`, `amazon` or `aws-marketplace`. Default `self`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 10))]
+    pub owners: Vec<String>,
+
+    /// Image name pattern (`*` and `?` wildcards).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub name_pattern: Option<String>,
+
+    /// Tags the images must carry, key to value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 10))]
+    pub tags: BTreeMap<String, String>,
+
+    /// Only images Baker baked for this service (its `baker.io/service` tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub service: Option<String>,
+
+    /// How many images to list in status, newest first. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub limit: Option<i32>,
+
+    /// Seconds between two syncs with EC2. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 10, max = 86400))]
+    pub refresh_interval_seconds: Option<i64>,
+}
+
+/// One image in a catalog.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CatalogImage {
+    pub image_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_date: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub virtualization_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ami_id: Option<String>,
+}
+
+/// The images found at the last sync.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AmiCatalogStatus {
+    /// Matching images, newest first, at most `limit`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub images: Vec<CatalogImage>,
+    /// The newest matching image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latest: Option<CatalogImage>,
+    /// Number of images listed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<i32>,
+    /// When EC2 was last read successfully.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_sync_time: Option<Time>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready` is False with the AWS error code when EC2 could not be read.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(schema_with = "crate::api::conditions::conditions_schema")]
+    pub conditions: Vec<Condition>,
+}

@@ -1,0 +1,58 @@
+//! The custom resources Baker serves, all in the `baker.io` API group at `v1alpha1`.
+//!
+//! The `///` docs on these types become the CRD field descriptions that `kubectl explain` shows,
+//! so they are written for the people who apply these objects.
+
+pub mod bake;
+pub mod catalog;
+pub mod conditions;
+pub mod template;
+
+pub use bake::{Bake, BakePhase, BakeSpec, BakeStatus, VirtualizationType};
+pub use catalog::{AmiCatalog, AmiCatalogSpec, AmiCatalogStatus};
+pub use template::{BakeTemplate, BakeTemplateSpec, Builder, Communicator, ImageFilter, SourceImage};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::CustomResourceExt;
+
+/// The API group of every Baker resource.
+pub const GROUP: &str = "baker.io";
+
+/// Label and tag keys Baker writes. Tags on EC2 resources use the same keys so that a person can
+/// go from an AMI to its Bake and back.
+pub mod keys {
+    /// The Bake's UID: the source of truth that ties an AMI (and every temporary resource) to one Bake.
+    pub const BAKE_UID: &str = "baker.io/bake-uid";
+    /// `namespace/name` of the Bake.
+    pub const BAKE: &str = "baker.io/bake";
+    pub const SERVICE: &str = "baker.io/service";
+    pub const VERSION: &str = "baker.io/version";
+    pub const TEMPLATE: &str = "baker.io/template";
+    pub const VIRTUALIZATION_TYPE: &str = "baker.io/virtualization-type";
+    /// The image the AMI was baked from (lineage).
+    pub const SOURCE_AMI: &str = "baker.io/source-ami";
+    /// Pod label naming the Bake that owns it.
+    pub const BAKE_NAME_LABEL: &str = "baker.io/bake";
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const MANAGED_BY_VALUE: &str = "baker";
+}
+
+/// Every CRD Baker installs, in a stable order.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![BakeTemplate::crd(), Bake::crd(), AmiCatalog::crd()]
+}
+
+/// The CRDs as one multi-document YAML stream.
+pub fn crds_yaml() -> Result<String, serde_yaml::Error> {
+    let mut out = String::new();
+    for crd in crds() {
+        out.push_str("---\n");
+        out.push_str(&serde_yaml::to_string(&crd)?);
+    }
+    Ok(out)
+}
+
+/// File name under `crds/` for one CRD: `<plural>.<group>.yaml`.
+pub fn crd_file_name(crd: &CustomResourceDefinition) -> String {
+    format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("unnamed"))
+}

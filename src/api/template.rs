@@ -1,0 +1,202 @@
+//! `BakeTemplate`: how images of one kind are baked. Cluster-scoped and owned by cluster admins,
+//! so that people who may create Bakes choose among reviewed recipes and cannot put commands of
+//! their own into a bake pod (which is privileged for the chroot builder).
+
+use std::collections::BTreeMap;
+
+use kube::{CustomResource, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// The seed's default hard timeout for one bake: 30 minutes.
+pub const DEFAULT_TIMEOUT_SECONDS: i64 = 30 * 60;
+/// The default AMI name: unique per bake run, readable, and valid as an AMI name.
+pub const DEFAULT_AMI_NAME: &str = "{service}-{version}-{virtualizationType}-{timestamp}";
+
+/// A reviewed recipe for baking AMIs with Packer. Bakes name a template; the template decides the
+/// builder, the region, the source image, the provisioning steps and how the AMI is named and
+/// tagged. A Bake's service, version and virtualization type reach the provisioning steps only as
+/// the environment variables `BAKE_SERVICE`, `BAKE_VERSION` and `BAKE_VIRTUALIZATION_TYPE`.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "baker.io",
+    version = "v1alpha1",
+    kind = "BakeTemplate",
+    shortname = "bt",
+    category = "baker",
+    doc = "A reviewed recipe for baking AMIs with Packer, referenced by Bakes. Cluster-scoped: owned by cluster admins.",
+    printcolumn(name = "Builder", type_ = "string", json_path = ".spec.builder"),
+    printcolumn(name = "Region", type_ = "string", json_path = ".spec.region"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[x_kube(validation = kube::core::Rule::new(
+    "self.builder != 'amazon-chroot' || !has(self.communicator) || self.communicator == 'ssh'"
+).message("communicator applies to the amazon-ebs builder only; amazon-chroot runs steps on the bake host"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.communicator) || self.communicator != 'none' || !has(self.provisioners) || size(self.provisioners) == 0"
+).message("provisioners need a communicator: with communicator 'none' the template must not have provisioners"))]
+#[serde(rename_all = "camelCase")]
+pub struct BakeTemplateSpec {
+    /// Packer builder: `amazon-ebs` launches an instance from the source image and provisions it
+    /// (no privilege needed in the cluster); `amazon-chroot` builds on the node the bake pod runs
+    /// on, which must itself be an EC2 instance: the bake pod is then privileged and sees the
+    /// node's `/dev`.
+    pub builder: Builder,
+
+    /// AWS region the AMI is built in, e.g. `eu-west-1`.
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z]{2}(-[a-z]+)+-[0-9]+$')").message("region must look like an AWS region, e.g. eu-west-1"))]
+    #[schemars(length(min = 1, max = 32))]
+    pub region: String,
+
+    /// The image to start from.
+    pub source: SourceImage,
+
+    /// EC2 instance type for the temporary build instance (`amazon-ebs` only). Default `t3.micro`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub instance_type: Option<String>,
+
+    /// How Packer reaches the build instance (`amazon-ebs` only): `ssh` (default) or `none`, which
+    /// skips provisioning entirely and snapshots the source image as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub communicator: Option<Communicator>,
+
+    /// SSH user on the source image when the communicator is `ssh`. Default `ec2-user`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub ssh_username: Option<String>,
+
+    /// Provisioning steps, run in order on the build instance (or in the chroot). Each step is a
+    /// list of shell lines. The Bake's values are available only as environment variables:
+    /// `BAKE_SERVICE`, `BAKE_VERSION`, `BAKE_VIRTUALIZATION_TYPE`, `BAKE_NAME`, `BAKE_NAMESPACE`.
+    /// Quote them as shell variables, e.g. `yum install -y "$BAKE_SERVICE-$BAKE_VERSION"`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub provisioners: Vec<Provisioner>,
+
+    /// Name of the AMI. Placeholders: `{service}`, `{version}`, `{virtualizationType}`,
+    /// `{template}` and `{timestamp}` (Unix seconds at build time). Characters AMI names do not
+    /// allow are replaced. Default `{service}-{version}-{virtualizationType}-{timestamp}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 3, max = 128))]
+    pub ami_name: Option<String>,
+
+    /// Description of the AMI, with the same placeholders as `amiName`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 255))]
+    pub ami_description: Option<String>,
+
+    /// Extra tags on the AMI, its snapshots and every temporary resource of the build. Baker adds
+    /// its own `baker.io/*` tags (the Bake's UID, service, version, template, source image), which
+    /// cannot be overridden here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[x_kube(validation = kube::core::Rule::new("self.all(k, !k.startsWith('baker.io/'))").message("tags under baker.io/ are reserved for Baker"))]
+    #[schemars(length(max = 40))]
+    pub tags: BTreeMap<String, String>,
+
+    /// Hard limit for one bake, in seconds: the bake pod's `activeDeadlineSeconds`. Default 1800
+    /// (30 minutes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60, max = 86400))]
+    pub timeout_seconds: Option<i64>,
+
+    /// EC2 API endpoint for this template's bakes, for EC2-compatible endpoints in local
+    /// development. Leave unset in production: the operator's own endpoint (the standard
+    /// `AWS_ENDPOINT_URL_EC2`, if set) is used otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^https?://[^ ]+$')").message("ec2Endpoint must be an http(s) URL"))]
+    #[schemars(length(max = 256))]
+    pub ec2_endpoint: Option<String>,
+
+    /// Container image for the bake pod, which must contain `packer` on its PATH. Default: the
+    /// operator's configured bake image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub packer_image: Option<String>,
+}
+
+/// Which Packer builder bakes the image.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+pub enum Builder {
+    #[serde(rename = "amazon-ebs")]
+    AmazonEbs,
+    #[serde(rename = "amazon-chroot")]
+    AmazonChroot,
+}
+
+impl Builder {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Builder::AmazonEbs => "amazon-ebs",
+            Builder::AmazonChroot => "amazon-chroot",
+        }
+    }
+}
+
+/// How Packer talks to the build instance.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Communicator {
+    Ssh,
+    None,
+}
+
+/// The image a bake starts from: exactly one of `amiId` or `filter`.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = kube::core::Rule::new("has(self.amiId) != has(self.filter)").message("set exactly one of source.amiId or source.filter"))]
+#[serde(rename_all = "camelCase")]
+pub struct SourceImage {
+    /// A fixed AMI id, e.g. `ami-0abcd1234ef567890`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^ami-[0-9a-f]{8,17}$')").message("amiId must look like ami-0123456789abcdef0"))]
+    #[schemars(length(max = 21))]
+    pub ami_id: Option<String>,
+
+    /// Find the newest available image that matches. The Bake's virtualization type is always
+    /// added as a filter, so one template serves `hvm` and `paravirtual` bakes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub filter: Option<ImageFilter>,
+}
+
+/// An EC2 image query; the newest match wins.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ImageFilter {
+    /// Image owners: account ids, `self`, `amazon` or `aws-marketplace`.
+    #[schemars(length(min = 1, max = 10))]
+    pub owners: Vec<String>,
+
+    /// Image name pattern (`*` and `?` wildcards), e.g. `amzn2-ami-hvm-*-x86_64-gp2`. May use the
+    /// `{virtualizationType}` placeholder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 128))]
+    pub name: Option<String>,
+
+    /// Tags the image must carry, key to value.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 10))]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// One provisioning step: shell lines run in order by Packer's shell provisioner.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Provisioner {
+    /// A short name for the step, shown in the bake's logs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 63))]
+    pub name: Option<String>,
+
+    /// The shell lines. Read the Bake's values from `BAKE_*` environment variables.
+    #[schemars(length(min = 1, max = 200))]
+    pub shell: Vec<String>,
+}
+
+impl BakeTemplateSpec {
+    pub fn timeout_seconds(&self) -> i64 {
+        self.timeout_seconds.unwrap_or(DEFAULT_TIMEOUT_SECONDS)
+    }
+
+    pub fn communicator(&self) -> Communicator {
+        self.communicator.unwrap_or(Communicator::Ssh)
+    }
+}

@@ -1,0 +1,243 @@
+//! The few EC2 calls Baker makes, and how its EC2 clients are built.
+//!
+//! Credentials come from aws-config's default chain (environment, IRSA web identity, EKS Pod
+//! Identity, instance profile). The standard `AWS_ENDPOINT_URL_EC2` points every client at an
+//! EC2-compatible endpoint for local development. Nothing here logs credentials.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use aws_sdk_ec2::error::ProvideErrorMetadata;
+use aws_sdk_ec2::types::{Filter, Image};
+
+use crate::api::{ImageFilter, VirtualizationType};
+
+/// An EC2 failure, with the AWS error code when EC2 answered (e.g. `UnauthorizedOperation`),
+/// or a transport description when it did not.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[error("EC2 {action} failed: {code}: {message}")]
+pub struct Ec2Error {
+    pub action: &'static str,
+    pub code: String,
+    pub message: String,
+}
+
+impl Ec2Error {
+    fn from_sdk<E, R>(action: &'static str, err: aws_sdk_ec2::error::SdkError<E, R>) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + 'static,
+        R: std::fmt::Debug,
+    {
+        use aws_sdk_ec2::error::SdkError;
+        let (code, message) = match &err {
+            SdkError::ServiceError(e) => (
+                e.err().code().unwrap_or("Unknown").to_string(),
+                e.err().message().unwrap_or("").to_string(),
+            ),
+            SdkError::TimeoutError(_) => ("Timeout".to_string(), "no answer from EC2 in time".to_string()),
+            SdkError::DispatchFailure(e) => (
+                "Unreachable".to_string(),
+                if e.is_io() {
+                    "cannot connect to the EC2 endpoint".to_string()
+                } else {
+                    format!("{e:?}")
+                },
+            ),
+            other => ("RequestFailed".to_string(), other.to_string()),
+        };
+        Ec2Error {
+            action,
+            code,
+            message,
+        }
+    }
+}
+
+/// The fields of an EC2 image Baker uses.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct ImageSummary {
+    pub image_id: String,
+    pub name: Option<String>,
+    pub creation_date: Option<String>,
+    pub state: Option<String>,
+    pub virtualization_type: Option<String>,
+    pub tags: BTreeMap<String, String>,
+}
+
+impl From<&Image> for ImageSummary {
+    fn from(image: &Image) -> Self {
+        ImageSummary {
+            image_id: image.image_id().unwrap_or_default().to_string(),
+            name: image.name().map(str::to_string),
+            creation_date: image.creation_date().map(str::to_string),
+            state: image.state().map(|s| s.as_str().to_string()),
+            virtualization_type: image.virtualization_type().map(|v| v.as_str().to_string()),
+            tags: image
+                .tags()
+                .iter()
+                .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+                .collect(),
+        }
+    }
+}
+
+/// Newest first by creation date (ISO 8601 sorts as text), then by id for a stable order.
+pub fn sort_newest_first(images: &mut [ImageSummary]) {
+    images.sort_by(|a, b| {
+        b.creation_date
+            .cmp(&a.creation_date)
+            .then_with(|| b.image_id.cmp(&a.image_id))
+    });
+}
+
+/// The EC2 filters for a template's source image query.
+pub fn source_filters(filter: &ImageFilter, virtualization: VirtualizationType) -> Vec<Filter> {
+    let mut filters = vec![
+        Filter::builder().name("state").values("available").build(),
+        Filter::builder()
+            .name("virtualization-type")
+            .values(virtualization.as_str())
+            .build(),
+    ];
+    if let Some(name) = &filter.name {
+        filters.push(
+            Filter::builder()
+                .name("name")
+                .values(name.replace("{virtualizationType}", virtualization.as_str()))
+                .build(),
+        );
+    }
+    for (k, v) in &filter.tags {
+        filters.push(Filter::builder().name(format!("tag:{k}")).values(v).build());
+    }
+    filters
+}
+
+/// EC2 clients, one per region, sharing one credential chain and endpoint configuration.
+pub struct Ec2 {
+    base: aws_config::SdkConfig,
+    clients: Mutex<HashMap<String, aws_sdk_ec2::Client>>,
+}
+
+impl Ec2 {
+    /// Loads the default AWS configuration (credential chain, `AWS_ENDPOINT_URL_EC2`, retries).
+    pub async fn from_env() -> Self {
+        let base = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+        Self::new(base)
+    }
+
+    pub fn new(base: aws_config::SdkConfig) -> Self {
+        Self {
+            base,
+            clients: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn client(&self, region: &str) -> aws_sdk_ec2::Client {
+        let mut clients = match self.clients.lock() {
+            Ok(guard) => guard,
+            // A panic elsewhere while holding the lock leaves a usable map.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        clients
+            .entry(region.to_string())
+            .or_insert_with(|| {
+                let config = aws_sdk_ec2::config::Builder::from(&self.base)
+                    .region(aws_sdk_ec2::config::Region::new(region.to_string()))
+                    .build();
+                aws_sdk_ec2::Client::from_conf(config)
+            })
+            .clone()
+    }
+
+    async fn describe(
+        &self,
+        region: &str,
+        owners: &[String],
+        filters: Vec<Filter>,
+    ) -> Result<Vec<ImageSummary>, Ec2Error> {
+        let mut request = self.client(region).describe_images().set_filters(Some(filters));
+        for owner in owners {
+            request = request.owners(owner);
+        }
+        let mut pages = request.into_paginator().send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| Ec2Error::from_sdk("DescribeImages", e))?;
+            out.extend(page.images().iter().map(ImageSummary::from));
+        }
+        sort_newest_first(&mut out);
+        Ok(out)
+    }
+
+    /// The newest available image matching a template's source filter, if any.
+    pub async fn resolve_source(
+        &self,
+        region: &str,
+        filter: &ImageFilter,
+        virtualization: VirtualizationType,
+    ) -> Result<Option<ImageSummary>, Ec2Error> {
+        let images = self
+            .describe(region, &filter.owners, source_filters(filter, virtualization))
+            .await?;
+        Ok(images.into_iter().next())
+    }
+
+    /// Images this account owns that carry a tag, newest first.
+    pub async fn images_tagged(
+        &self,
+        region: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<Vec<ImageSummary>, Ec2Error> {
+        let filters = vec![Filter::builder().name(format!("tag:{key}")).values(value).build()];
+        self.describe(region, &["self".to_string()], filters).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newest_image_sorts_first() {
+        let mut images = vec![
+            ImageSummary {
+                image_id: "ami-a".into(),
+                creation_date: Some("2026-01-01T00:00:00.000Z".into()),
+                ..Default::default()
+            },
+            ImageSummary {
+                image_id: "ami-b".into(),
+                creation_date: Some("2026-03-01T00:00:00.000Z".into()),
+                ..Default::default()
+            },
+            ImageSummary {
+                image_id: "ami-c".into(),
+                creation_date: None,
+                ..Default::default()
+            },
+        ];
+        sort_newest_first(&mut images);
+        let ids: Vec<_> = images.iter().map(|i| i.image_id.as_str()).collect();
+        assert_eq!(ids, ["ami-b", "ami-a", "ami-c"]);
+    }
+
+    #[test]
+    fn source_filters_always_pin_state_and_virtualization_type() {
+        let filter = ImageFilter {
+            owners: vec!["self".into()],
+            name: Some("base-{virtualizationType}-*".into()),
+            tags: BTreeMap::from([("role".to_string(), "base".to_string())]),
+        };
+        let filters = source_filters(&filter, VirtualizationType::Paravirtual);
+        let pairs: Vec<(String, Vec<String>)> = filters
+            .iter()
+            .map(|f| (f.name().unwrap_or_default().to_string(), f.values().to_vec()))
+            .collect();
+        assert!(pairs.contains(&("state".into(), vec!["available".into()])));
+        assert!(pairs.contains(&("virtualization-type".into(), vec!["paravirtual".into()])));
+        assert!(pairs.contains(&("name".into(), vec!["base-paravirtual-*".into()])));
+        assert!(pairs.contains(&("tag:role".into(), vec!["base".into()])));
+    }
+}

@@ -1,0 +1,554 @@
+//! The Bake reconciler: gathers observations (template, source image, pod, EC2), lets the pure
+//! functions in `status` and `pod` decide, and writes the result.
+//!
+//! Restart safety rests on two records: `status.podName` is written *before* the pod is created,
+//! and `status.podUid` once the pod is seen. A Bake with a recorded pod UID whose pod is gone is
+//! never baked again; its AMI, if any, is found in EC2 by the Bake's UID tag.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, instrument, warn};
+
+use super::pod::{self, PodInput};
+use super::status::{self, PodOutcome, Reason, Transition};
+use crate::api::{Bake, BakeStatus, BakeTemplate, keys};
+use crate::aws::Ec2;
+use crate::config::OperatorConfig;
+use crate::error::{Error, Result};
+use crate::packer::{self, BakeIdentity, RenderInput, ResolvedSource};
+
+/// The field manager of every write Baker makes.
+pub const FIELD_MANAGER: &str = "baker";
+
+/// How long to wait for EC2 to list an AMI that packer reported, before failing the Bake.
+const IMAGE_VISIBILITY_GRACE: Duration = Duration::from_secs(300);
+
+/// Shared state of the Bake controller.
+pub struct Context {
+    pub client: Client,
+    pub ec2: Ec2,
+    pub config: OperatorConfig,
+    pub recorder: Recorder,
+}
+
+impl Context {
+    pub fn new(client: Client, ec2: Ec2, config: OperatorConfig) -> Self {
+        let reporter = Reporter {
+            controller: "baker".into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        let recorder = Recorder::new(client.clone(), reporter);
+        Self {
+            client,
+            ec2,
+            config,
+            recorder,
+        }
+    }
+}
+
+fn now() -> Time {
+    Time(jiff::Timestamp::now())
+}
+
+struct BakeRef<'a> {
+    bake: &'a Bake,
+    name: String,
+    namespace: String,
+    uid: String,
+}
+
+impl<'a> BakeRef<'a> {
+    fn new(bake: &'a Bake) -> Result<Self> {
+        Ok(Self {
+            bake,
+            name: bake.name_any(),
+            namespace: bake
+                .namespace()
+                .ok_or(Error::MissingField("metadata.namespace"))?,
+            uid: bake.uid().ok_or(Error::MissingField("metadata.uid"))?,
+        })
+    }
+
+    fn status(&self) -> Option<&'a BakeStatus> {
+        self.bake.status.as_ref()
+    }
+}
+
+/// Reconciles one Bake.
+#[instrument(skip_all, fields(bake = %bake.name_any(), namespace = bake.namespace().unwrap_or_default()))]
+pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
+    let b = BakeRef::new(&bake)?;
+    // A finished Bake whose status is current needs nothing: no reads, no writes.
+    if let Some(s) = b.status()
+        && s.phase.is_some_and(|p| p.is_terminal())
+        && s.observed_generation == bake.metadata.generation
+    {
+        return Ok(Action::await_change());
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
+    let pod_name = pod::pod_name(&b.name);
+    let pod = pods
+        .get_opt(&pod_name)
+        .await
+        .map_err(Error::GetPod)?
+        .filter(|p| p.owner_references().iter().any(|o| o.uid == b.uid));
+    let seen_uid = b.status().and_then(|s| s.pod_uid.clone());
+    match pod {
+        Some(p) if seen_uid.is_none() || seen_uid == p.uid() => observe_pod(&b, &ctx, &p).await,
+        // Seen once, gone (or replaced) now: never run packer twice for one Bake.
+        _ if seen_uid.is_some() => pod_vanished(&b, &ctx).await,
+        _ => launch(&b, &ctx).await,
+    }
+}
+
+/// Requeue for a pending Bake, depending on what it waits for.
+fn requeue_for(reason: Reason) -> Action {
+    match reason {
+        Reason::TemplateNotFound | Reason::SourceImageNotFound => Action::requeue(Duration::from_secs(60)),
+        Reason::Ec2Unavailable => Action::requeue(Duration::from_secs(20)),
+        Reason::AwaitingImage => Action::requeue(Duration::from_secs(3)),
+        r if r.phase().is_terminal() => Action::await_change(),
+        // The pod watch wakes us on progress; this is only a safety net.
+        _ => Action::requeue(Duration::from_secs(300)),
+    }
+}
+
+async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
+    let spec = &b.bake.spec;
+    let templates: Api<BakeTemplate> = Api::all(ctx.client.clone());
+    let Some(template) = templates
+        .get_opt(&spec.template)
+        .await
+        .map_err(Error::GetTemplate)?
+    else {
+        let t = Transition::new(
+            Reason::TemplateNotFound,
+            format!(
+                "BakeTemplate {:?} does not exist; the Bake starts once it is created",
+                spec.template
+            ),
+        );
+        return finish(b, ctx, t, None).await;
+    };
+    let tspec = &template.spec;
+
+    // The source image is resolved once and recorded, so a re-render after a restart is identical.
+    let recorded = b.status().and_then(|s| s.source_ami_id.clone());
+    let source_ami = match (recorded, &tspec.source.ami_id, &tspec.source.filter) {
+        (Some(id), _, _) => id,
+        (None, Some(id), _) => id.clone(),
+        (None, None, Some(filter)) => match ctx
+            .ec2
+            .resolve_source(&tspec.region, filter, spec.virtualization_type)
+            .await
+        {
+            Ok(Some(image)) => image.image_id,
+            Ok(None) => {
+                let t = Transition::new(
+                    Reason::SourceImageNotFound,
+                    format!(
+                        "no available {} image in {} matches the source filter of BakeTemplate {:?}",
+                        spec.virtualization_type.as_str(),
+                        tspec.region,
+                        spec.template
+                    ),
+                );
+                return finish(b, ctx, t, None).await;
+            }
+            Err(e) => {
+                return finish(
+                    b,
+                    ctx,
+                    Transition::new(Reason::Ec2Unavailable, e.to_string()),
+                    None,
+                )
+                .await;
+            }
+        },
+        (None, None, None) => {
+            let t = Transition::new(
+                Reason::InvalidTemplate,
+                "the BakeTemplate sets neither source.amiId nor source.filter",
+            );
+            return finish(b, ctx, t, None).await;
+        }
+    };
+
+    let identity = BakeIdentity {
+        name: b.name.clone(),
+        namespace: b.namespace.clone(),
+        uid: b.uid.clone(),
+    };
+    let input = RenderInput {
+        bake: spec,
+        identity: &identity,
+        template_name: &spec.template,
+        template: tspec,
+        source: ResolvedSource::AmiId(source_ami.clone()),
+        default_ec2_endpoint: ctx.config.ec2_endpoint.as_deref(),
+    };
+    let rendered = match packer::render_string(&input) {
+        Ok(r) => r,
+        Err(e) => {
+            return finish(
+                b,
+                ctx,
+                Transition::new(Reason::InvalidTemplate, e.to_string()),
+                None,
+            )
+            .await;
+        }
+    };
+
+    // Record the launch before creating anything: a restart from here on finds the pod by name.
+    let pod_name = pod::pod_name(&b.name);
+    let mut launched = status::apply(
+        b.status(),
+        b.bake.metadata.generation,
+        &Transition::new(Reason::Launching, format!("launching bake pod {pod_name}")),
+        &now(),
+    );
+    launched.pod_name = Some(pod_name.clone());
+    launched.source_ami_id = Some(source_ami);
+    launched.region = Some(tspec.region.clone());
+    launched.started_at = launched.started_at.or_else(|| Some(now()));
+    write_status(b, ctx, &launched).await?;
+
+    let owner = b
+        .bake
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    let pod_input = PodInput {
+        bake_name: &b.name,
+        namespace: &b.namespace,
+        owner,
+        service: &spec.service,
+        template: tspec,
+        config: &ctx.config,
+    };
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &b.namespace);
+    create_if_absent(&config_maps, &pod::template_config_map(&pod_input, &rendered))
+        .await
+        .map_err(Error::CreateConfigMap)?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
+    create_if_absent(&pods, &pod::bake_pod(&pod_input))
+        .await
+        .map_err(Error::CreatePod)?;
+    info!(pod = %pod_name, "launched bake pod");
+    publish(
+        b,
+        ctx,
+        EventType::Normal,
+        "Launched",
+        format!("launched bake pod {pod_name} with BakeTemplate {}", spec.template),
+    )
+    .await;
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+async fn create_if_absent<K>(api: &Api<K>, object: &K) -> std::result::Result<(), kube::Error>
+where
+    K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    match api
+        .create(
+            &PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            object,
+        )
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn observe_pod(b: &BakeRef<'_>, ctx: &Context, pod: &Pod) -> Result<Action> {
+    let name = pod.name_any();
+    let pod_uid = pod.uid();
+    let transition = match status::pod_outcome(pod) {
+        PodOutcome::Pending => Transition::new(
+            Reason::PodPending,
+            format!("waiting for bake pod {name} to start"),
+        ),
+        PodOutcome::Running => Transition::new(
+            Reason::Running,
+            format!(
+                "packer is running; follow it with: kubectl logs -f -n {} pod/{name}",
+                b.namespace
+            ),
+        ),
+        PodOutcome::Succeeded { manifest } => {
+            let finished = pod_finished_at(pod);
+            confirm_image(b, ctx, &manifest, finished).await?
+        }
+        PodOutcome::DeadlineExceeded => match adoptable_image(b, ctx).await? {
+            Some(ami) => Transition::new(
+                Reason::Adopted,
+                format!(
+                    "the bake timed out after the AMI was created; using {ami} found by the Bake's UID tag"
+                ),
+            )
+            .with_ami(ami),
+            None => Transition::new(
+                Reason::Timeout,
+                format!(
+                    "the bake exceeded its BakeTemplate's timeout ({}s) and packer was stopped",
+                    pod_deadline(pod)
+                ),
+            ),
+        },
+        PodOutcome::Failed { message } => match adoptable_image(b, ctx).await? {
+            Some(ami) => Transition::new(
+                Reason::Adopted,
+                format!("packer failed after the AMI was created; using {ami} found by the Bake's UID tag"),
+            )
+            .with_ami(ami),
+            None => Transition::new(
+                Reason::PackerFailed,
+                status::tail(&message, status::MAX_MESSAGE - 64),
+            ),
+        },
+    };
+    finish(b, ctx, transition, pod_uid).await
+}
+
+fn pod_finished_at(pod: &Pod) -> Option<jiff::Timestamp> {
+    pod.status
+        .as_ref()?
+        .container_statuses
+        .as_ref()?
+        .iter()
+        .find_map(|c| {
+            c.state
+                .as_ref()?
+                .terminated
+                .as_ref()?
+                .finished_at
+                .as_ref()
+                .map(|t| t.0)
+        })
+}
+
+fn pod_deadline(pod: &Pod) -> i64 {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.active_deadline_seconds)
+        .unwrap_or_default()
+}
+
+fn region_of(b: &BakeRef<'_>) -> Option<String> {
+    b.status().and_then(|s| s.region.clone())
+}
+
+/// An available image tagged with this Bake's UID: proof the bake produced its AMI.
+async fn adoptable_image(b: &BakeRef<'_>, ctx: &Context) -> Result<Option<String>> {
+    let Some(region) = region_of(b) else {
+        return Ok(None);
+    };
+    let images = ctx.ec2.images_tagged(&region, keys::BAKE_UID, &b.uid).await?;
+    Ok(images
+        .into_iter()
+        .find(|i| i.state.as_deref() == Some("available"))
+        .map(|i| i.image_id))
+}
+
+/// Packer said it made an AMI: believe it once EC2 lists it with the Bake's UID tag.
+async fn confirm_image(
+    b: &BakeRef<'_>,
+    ctx: &Context,
+    manifest: &str,
+    finished: Option<jiff::Timestamp>,
+) -> Result<Transition> {
+    let region = region_of(b).unwrap_or_default();
+    let reported = packer::artifacts(manifest, &b.uid);
+    let tagged = ctx.ec2.images_tagged(&region, keys::BAKE_UID, &b.uid).await?;
+    let available = |id: &str| {
+        tagged
+            .iter()
+            .any(|i| i.image_id == id && i.state.as_deref() == Some("available"))
+    };
+    match &reported {
+        Ok(artifacts) => {
+            if let Some(a) = artifacts
+                .iter()
+                .find(|a| a.region == region)
+                .or(artifacts.first())
+                && available(&a.ami_id)
+            {
+                return Ok(
+                    Transition::new(Reason::Succeeded, format!("baked {} in {}", a.ami_id, a.region))
+                        .with_ami(&a.ami_id),
+                );
+            }
+        }
+        Err(e) => {
+            // The tag is the source of truth; a lost manifest does not lose the AMI.
+            if let Some(image) = tagged.iter().find(|i| i.state.as_deref() == Some("available")) {
+                return Ok(Transition::new(
+                    Reason::Succeeded,
+                    format!(
+                        "baked {} in {region} (found by the Bake's UID tag; {e})",
+                        image.image_id
+                    ),
+                )
+                .with_ami(&image.image_id));
+            }
+        }
+    }
+    let waited = finished
+        .map(|f| jiff::Timestamp::now().duration_since(f).unsigned_abs())
+        .unwrap_or_default();
+    let what = match &reported {
+        Ok(a) => format!(
+            "packer reported {}",
+            a.iter().map(|a| a.ami_id.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+        Err(e) => e.to_string(),
+    };
+    if waited < IMAGE_VISIBILITY_GRACE {
+        Ok(Transition::new(
+            Reason::AwaitingImage,
+            format!("{what}; waiting for EC2 to list it as available"),
+        ))
+    } else {
+        Ok(Transition::new(
+            Reason::ImageNotFound,
+            format!(
+                "{what}, but EC2 lists no available image tagged {}={} in {region}",
+                keys::BAKE_UID,
+                b.uid
+            ),
+        ))
+    }
+}
+
+async fn pod_vanished(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
+    let pod_name = b.status().and_then(|s| s.pod_name.clone()).unwrap_or_default();
+    let t = match adoptable_image(b, ctx).await? {
+        Some(ami) => Transition::new(
+            Reason::Adopted,
+            format!("bake pod {pod_name} is gone, but the AMI it made exists: {ami}"),
+        )
+        .with_ami(ami),
+        None => Transition::new(
+            Reason::PodDeleted,
+            format!(
+                "bake pod {pod_name} was deleted before the bake finished; create a new Bake to bake again"
+            ),
+        ),
+    };
+    finish(b, ctx, t, None).await
+}
+
+/// Applies a transition: writes status if it changed, and an Event if the phase or reason did.
+async fn finish(b: &BakeRef<'_>, ctx: &Context, t: Transition, pod_uid: Option<String>) -> Result<Action> {
+    let previous = b.status();
+    let mut next = status::apply(previous, b.bake.metadata.generation, &t, &now());
+    if pod_uid.is_some() {
+        next.pod_uid = pod_uid;
+    }
+    if previous != Some(&next) {
+        write_status(b, ctx, &next).await?;
+        let previous_reason = previous
+            .and_then(|s| crate::api::conditions::find(&s.conditions, crate::api::conditions::READY))
+            .map(|c| c.reason.as_str());
+        if previous_reason != Some(t.reason.as_str()) {
+            let type_ = if t.reason.stalled() {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            };
+            publish(b, ctx, type_, t.reason.as_str(), t.message.clone()).await;
+        }
+    }
+    Ok(requeue_for(t.reason))
+}
+
+async fn write_status(b: &BakeRef<'_>, ctx: &Context, status: &BakeStatus) -> Result<()> {
+    let api: Api<Bake> = Api::namespaced(ctx.client.clone(), &b.namespace);
+    let patch = json!({
+        "apiVersion": Bake::api_version(&()),
+        "kind": Bake::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &b.name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::PatchStatus)?;
+    Ok(())
+}
+
+/// Events are best effort: a failure to record one must not fail the bake.
+async fn publish(b: &BakeRef<'_>, ctx: &Context, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        // The Events API rejects notes over 1 KiB.
+        note: Some(status::truncate(&note, 1000)),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &b.bake.object_ref(&())).await {
+        warn!(error = %e, "could not publish event");
+    }
+}
+
+fn error_policy(_bake: Arc<Bake>, error: &Error, _ctx: Arc<Context>) -> Action {
+    warn!(category = error.category(), error = %error, "reconcile failed");
+    Action::requeue(Duration::from_secs(15))
+}
+
+/// Runs the Bake controller until a shutdown signal.
+pub async fn run(ctx: Arc<Context>) {
+    let client = ctx.client.clone();
+    let (bakes, pods): (Api<Bake>, Api<Pod>) = match &ctx.config.watch_namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let templates: Api<BakeTemplate> = Api::all(client.clone());
+    let managed = format!("{}={}", keys::MANAGED_BY, keys::MANAGED_BY_VALUE);
+    let controller = Controller::new(bakes, watcher::Config::default().any_semantic());
+    let store = controller.store();
+    controller
+        .owns(pods, watcher::Config::default().labels(&managed))
+        // A Bake waiting for its template starts as soon as the template appears.
+        .watches(templates, watcher::Config::default(), move |template| {
+            let name = template.name_any();
+            store
+                .state()
+                .into_iter()
+                .filter(|b| b.spec.template == name && !b.phase().is_some_and(|p| p.is_terminal()))
+                .map(|b| ObjectRef::from_obj(&*b))
+                .collect::<Vec<_>>()
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "reconcile loop");
+            }
+        })
+        .await;
+}

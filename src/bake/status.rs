@@ -1,0 +1,380 @@
+//! Bake status transitions, as pure functions: what the status becomes given what was observed.
+//! The reconciler only gathers observations and writes the result.
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+use crate::api::conditions::{self, Desired, READY, RECONCILING, STALLED};
+use crate::api::{BakePhase, BakeStatus};
+
+/// Why a Bake is where it is: a bounded set, used as condition reasons and Event reasons.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    TemplateNotFound,
+    InvalidTemplate,
+    SourceImageNotFound,
+    Ec2Unavailable,
+    Launching,
+    PodPending,
+    Running,
+    AwaitingImage,
+    Succeeded,
+    Adopted,
+    PackerFailed,
+    Timeout,
+    PodDeleted,
+    ImageNotFound,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::TemplateNotFound => "TemplateNotFound",
+            Reason::InvalidTemplate => "InvalidTemplate",
+            Reason::SourceImageNotFound => "SourceImageNotFound",
+            Reason::Ec2Unavailable => "Ec2Unavailable",
+            Reason::Launching => "Launching",
+            Reason::PodPending => "PodPending",
+            Reason::Running => "Running",
+            Reason::AwaitingImage => "AwaitingImage",
+            Reason::Succeeded => "Succeeded",
+            Reason::Adopted => "Adopted",
+            Reason::PackerFailed => "PackerFailed",
+            Reason::Timeout => "Timeout",
+            Reason::PodDeleted => "PodDeleted",
+            Reason::ImageNotFound => "ImageNotFound",
+        }
+    }
+
+    /// The phase a Bake is in for this reason.
+    pub fn phase(self) -> BakePhase {
+        match self {
+            Reason::TemplateNotFound
+            | Reason::SourceImageNotFound
+            | Reason::Ec2Unavailable
+            | Reason::Launching
+            | Reason::PodPending => BakePhase::Pending,
+            Reason::Running | Reason::AwaitingImage => BakePhase::Running,
+            Reason::Succeeded | Reason::Adopted => BakePhase::Succeeded,
+            Reason::InvalidTemplate
+            | Reason::PackerFailed
+            | Reason::Timeout
+            | Reason::PodDeleted
+            | Reason::ImageNotFound => BakePhase::Failed,
+        }
+    }
+
+    /// Waiting on something only a person can fix (kstatus `Stalled`), even though the operator
+    /// keeps checking.
+    pub fn stalled(self) -> bool {
+        matches!(self, Reason::TemplateNotFound | Reason::SourceImageNotFound)
+            || self.phase() == BakePhase::Failed
+    }
+}
+
+/// The next state of a Bake, as decided by the reconciler.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Transition {
+    pub reason: Reason,
+    pub message: String,
+    pub ami_id: Option<String>,
+}
+
+impl Transition {
+    pub fn new(reason: Reason, message: impl Into<String>) -> Self {
+        Self {
+            reason,
+            message: message.into(),
+            ami_id: None,
+        }
+    }
+
+    pub fn with_ami(mut self, ami_id: impl Into<String>) -> Self {
+        self.ami_id = Some(ami_id.into());
+        self
+    }
+}
+
+/// Longest `message` kept in status: enough for packer's last error lines.
+pub const MAX_MESSAGE: usize = 2048;
+
+/// Cuts text to at most `max` bytes on a char boundary, marking the cut.
+pub fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let marker = "…";
+    let mut end = max.saturating_sub(marker.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{marker}", &text[..end])
+}
+
+/// Keeps the end of text (where packer's error is) within `max` bytes.
+pub fn tail(text: &str, max: usize) -> String {
+    let text = text.trim();
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let marker = "…";
+    let mut start = text.len() - max.saturating_sub(marker.len());
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("{marker}{}", &text[start..])
+}
+
+/// The status after a transition. Fields recorded earlier (pod, source image, start time) are
+/// kept; `finishedAt` is stamped on entering a terminal phase; conditions move their
+/// `lastTransitionTime` only when their status flips.
+pub fn apply(
+    previous: Option<&BakeStatus>,
+    generation: Option<i64>,
+    t: &Transition,
+    now: &Time,
+) -> BakeStatus {
+    let prev = previous.cloned().unwrap_or_default();
+    let phase = t.reason.phase();
+    let terminal = phase.is_terminal();
+    let message = truncate(&t.message, MAX_MESSAGE);
+    let desired = [
+        Desired::new(
+            READY,
+            phase == BakePhase::Succeeded,
+            t.reason.as_str(),
+            message.clone(),
+        ),
+        Desired::new(
+            RECONCILING,
+            !terminal,
+            t.reason.as_str(),
+            if terminal { String::new() } else { message.clone() },
+        ),
+        Desired::new(
+            STALLED,
+            t.reason.stalled(),
+            t.reason.as_str(),
+            if t.reason.stalled() {
+                message.clone()
+            } else {
+                String::new()
+            },
+        ),
+    ];
+    let finished_at = match (terminal, prev.finished_at.clone()) {
+        (true, Some(at)) if prev.phase == Some(phase) => Some(at),
+        (true, _) => Some(now.clone()),
+        (false, _) => None,
+    };
+    BakeStatus {
+        phase: Some(phase),
+        ami_id: t.ami_id.clone().or(if phase == BakePhase::Succeeded {
+            prev.ami_id.clone()
+        } else {
+            None
+        }),
+        message: Some(message),
+        observed_generation: generation,
+        finished_at,
+        conditions: conditions::merge(&prev.conditions, &desired, generation, now),
+        ..prev
+    }
+}
+
+/// What the bake pod says about the bake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PodOutcome {
+    /// Not started yet (scheduling, pulling the image).
+    Pending,
+    Running,
+    /// Packer exited 0; the termination message holds the manifest.
+    Succeeded {
+        manifest: String,
+    },
+    /// The pod's deadline (the template's timeout) passed.
+    DeadlineExceeded,
+    /// Packer failed; the termination message holds the end of its output.
+    Failed {
+        message: String,
+    },
+}
+
+/// Reads the outcome off a pod's status.
+pub fn pod_outcome(pod: &Pod) -> PodOutcome {
+    let Some(status) = pod.status.as_ref() else {
+        return PodOutcome::Pending;
+    };
+    let terminated = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .find(|c| c.name == super::pod::CONTAINER)
+        .and_then(|c| c.state.as_ref())
+        .and_then(|s| s.terminated.as_ref());
+    let termination_message = terminated.and_then(|t| t.message.clone()).unwrap_or_default();
+    match status.phase.as_deref() {
+        Some("Running") => PodOutcome::Running,
+        Some("Succeeded") => PodOutcome::Succeeded {
+            manifest: termination_message,
+        },
+        Some("Failed") if status.reason.as_deref() == Some("DeadlineExceeded") => {
+            PodOutcome::DeadlineExceeded
+        }
+        Some("Failed") => {
+            let mut message = termination_message;
+            if message.trim().is_empty() {
+                message = match terminated {
+                    Some(t) => format!("packer exited with code {}", t.exit_code),
+                    None => status
+                        .message
+                        .clone()
+                        .unwrap_or_else(|| "the bake pod failed".into()),
+                };
+            }
+            PodOutcome::Failed { message }
+        }
+        _ => PodOutcome::Pending,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::conditions::find;
+    use k8s_openapi::api::core::v1::{ContainerState, ContainerStateTerminated, ContainerStatus, PodStatus};
+
+    fn t(secs: i64) -> Time {
+        Time(jiff::Timestamp::from_second(secs).unwrap_or(jiff::Timestamp::UNIX_EPOCH))
+    }
+
+    #[test]
+    fn running_bake_is_reconciling_and_not_ready() {
+        let s = apply(
+            None,
+            Some(1),
+            &Transition::new(Reason::Running, "packer is running"),
+            &t(10),
+        );
+        assert_eq!(s.phase, Some(BakePhase::Running));
+        assert_eq!(find(&s.conditions, READY).unwrap().status, "False");
+        assert_eq!(find(&s.conditions, RECONCILING).unwrap().status, "True");
+        assert_eq!(find(&s.conditions, STALLED).unwrap().status, "False");
+        assert_eq!(s.finished_at, None);
+        assert_eq!(s.observed_generation, Some(1));
+    }
+
+    #[test]
+    fn success_sets_ready_ami_and_finish_time() {
+        let running = apply(None, Some(1), &Transition::new(Reason::Running, ""), &t(10));
+        let done = apply(
+            Some(&running),
+            Some(1),
+            &Transition::new(Reason::Succeeded, "baked").with_ami("ami-1"),
+            &t(20),
+        );
+        assert_eq!(done.phase, Some(BakePhase::Succeeded));
+        assert_eq!(done.ami_id.as_deref(), Some("ami-1"));
+        assert_eq!(done.finished_at, Some(t(20)));
+        let ready = find(&done.conditions, READY).unwrap();
+        assert_eq!(
+            (ready.status.as_str(), ready.last_transition_time.clone()),
+            ("True", t(20))
+        );
+        assert_eq!(find(&done.conditions, RECONCILING).unwrap().status, "False");
+    }
+
+    #[test]
+    fn failure_is_stalled_and_keeps_recorded_pod() {
+        let mut launched = apply(None, Some(1), &Transition::new(Reason::Launching, ""), &t(1));
+        launched.pod_name = Some("bake-x".into());
+        let failed = apply(
+            Some(&launched),
+            Some(1),
+            &Transition::new(Reason::PackerFailed, "boom"),
+            &t(5),
+        );
+        assert_eq!(failed.phase, Some(BakePhase::Failed));
+        assert_eq!(failed.pod_name.as_deref(), Some("bake-x"));
+        assert_eq!(find(&failed.conditions, STALLED).unwrap().status, "True");
+        assert_eq!(failed.message.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn reapplying_the_same_transition_changes_nothing() {
+        let a = apply(
+            None,
+            Some(1),
+            &Transition::new(Reason::PackerFailed, "boom"),
+            &t(5),
+        );
+        let b = apply(
+            Some(&a),
+            Some(1),
+            &Transition::new(Reason::PackerFailed, "boom"),
+            &t(50),
+        );
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn truncation_respects_char_boundaries() {
+        let s = "é".repeat(10);
+        let cut = truncate(&s, 7);
+        assert!(cut.len() <= 7, "{cut}");
+        assert!(cut.ends_with('…'));
+        let end = tail(&s, 7);
+        assert!(end.len() <= 7 && end.starts_with('…'), "{end}");
+        assert_eq!(truncate("short", 10), "short");
+    }
+
+    fn pod(phase: &str, reason: Option<&str>, exit: i32, message: Option<&str>) -> Pod {
+        Pod {
+            status: Some(PodStatus {
+                phase: Some(phase.into()),
+                reason: reason.map(Into::into),
+                container_statuses: Some(vec![ContainerStatus {
+                    name: "packer".into(),
+                    state: Some(ContainerState {
+                        terminated: Some(ContainerStateTerminated {
+                            exit_code: exit,
+                            message: message.map(Into::into),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pod_outcomes_read_phase_reason_and_termination_message() {
+        assert_eq!(pod_outcome(&Pod::default()), PodOutcome::Pending);
+        assert_eq!(
+            pod_outcome(&pod("Succeeded", None, 0, Some("{}"))),
+            PodOutcome::Succeeded {
+                manifest: "{}".into()
+            }
+        );
+        assert_eq!(
+            pod_outcome(&pod("Failed", Some("DeadlineExceeded"), 143, None)),
+            PodOutcome::DeadlineExceeded
+        );
+        assert_eq!(
+            pod_outcome(&pod("Failed", None, 1, Some("Error: InvalidAMIID.NotFound"))),
+            PodOutcome::Failed {
+                message: "Error: InvalidAMIID.NotFound".into()
+            }
+        );
+        assert_eq!(
+            pod_outcome(&pod("Failed", None, 2, None)),
+            PodOutcome::Failed {
+                message: "packer exited with code 2".into()
+            }
+        );
+    }
+}

@@ -1,0 +1,54 @@
+//! Operator configuration: flags with environment fallbacks, so the Helm chart can set either.
+
+use clap::Args;
+
+/// The bake image used when a template names none: Packer 1.6.6 ships the Amazon builders
+/// built in and reads the JSON templates Baker renders.
+pub const DEFAULT_PACKER_IMAGE: &str = "docker.io/hashicorp/packer:1.6.6";
+
+/// Settings of the Bake controller.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct OperatorConfig {
+    /// Container image for bake pods when the BakeTemplate names none.
+    #[arg(long, env = "BAKER_PACKER_IMAGE", default_value = DEFAULT_PACKER_IMAGE)]
+    pub packer_image: String,
+
+    /// Name of a Secret in each Bake's namespace with `AWS_ACCESS_KEY_ID` and
+    /// `AWS_SECRET_ACCESS_KEY` (and optionally `AWS_SESSION_TOKEN`) for Packer. Unset: bake pods
+    /// use the default AWS credential chain (IRSA, EKS Pod Identity, instance profile).
+    #[arg(long, env = "BAKER_AWS_CREDENTIALS_SECRET")]
+    pub aws_credentials_secret: Option<String>,
+
+    /// ServiceAccount bake pods run as (for IRSA / EKS Pod Identity). Unset: the namespace's
+    /// `default`.
+    #[arg(long, env = "BAKER_BAKE_SERVICE_ACCOUNT")]
+    pub bake_service_account: Option<String>,
+
+    /// Seconds Packer gets to clean up (terminate its instance, delete its key pair and security
+    /// group) when a bake pod is stopped.
+    #[arg(long, env = "BAKER_BAKE_GRACE_SECONDS", default_value_t = 300)]
+    pub bake_grace_seconds: i64,
+
+    /// Watch Bakes in this namespace only (the operator then needs no cluster-wide rights on
+    /// Bakes and pods). Unset: all namespaces.
+    #[arg(long = "namespace", env = "BAKER_WATCH_NAMESPACE")]
+    pub watch_namespace: Option<String>,
+
+    /// EC2 endpoint for the operator and the bake pods; normally unset. Read from the standard
+    /// `AWS_ENDPOINT_URL_EC2` so a local EC2-compatible endpoint serves both.
+    #[arg(long, env = "AWS_ENDPOINT_URL_EC2")]
+    pub ec2_endpoint: Option<String>,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            packer_image: DEFAULT_PACKER_IMAGE.to_string(),
+            aws_credentials_secret: None,
+            bake_service_account: None,
+            bake_grace_seconds: 300,
+            watch_namespace: None,
+            ec2_endpoint: None,
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! Errors of the reconcilers, named for the action that failed, each with a bounded category for
+//! metric labels and log fields (never the object name or the nested message).
+
+use crate::aws::Ec2Error;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("the object has no {0}")]
+    MissingField(&'static str),
+
+    #[error("reading BakeTemplate failed: {0}")]
+    GetTemplate(#[source] kube::Error),
+
+    #[error("reading the bake pod failed: {0}")]
+    GetPod(#[source] kube::Error),
+
+    #[error("creating the template ConfigMap failed: {0}")]
+    CreateConfigMap(#[source] kube::Error),
+
+    #[error("creating the bake pod failed: {0}")]
+    CreatePod(#[source] kube::Error),
+
+    #[error("writing Bake status failed: {0}")]
+    PatchStatus(#[source] kube::Error),
+
+    #[error(transparent)]
+    Ec2(#[from] Ec2Error),
+}
+
+impl Error {
+    /// A short, bounded label for metrics and logs.
+    pub fn category(&self) -> &'static str {
+        match self {
+            Error::MissingField(_) => "invalid_object",
+            Error::GetTemplate(_) | Error::GetPod(_) => "kube_read",
+            Error::CreateConfigMap(_) | Error::CreatePod(_) | Error::PatchStatus(_) => "kube_write",
+            Error::Ec2(_) => "ec2",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,13 @@
+//! Baker: a Kubernetes operator that bakes Amazon Machine Images with HashiCorp Packer.
+//!
+//! The library holds all the logic; the `baker` binary only parses arguments and calls in here.
+//! Pure parts (template rendering, pod specs, status transitions) live apart from the code that
+//! talks to the Kubernetes API and EC2, and are unit-tested beside their definitions.
+
+pub mod api;
+pub mod aws;
+pub mod bake;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod packer;
