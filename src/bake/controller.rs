@@ -90,6 +90,10 @@ impl<'a> BakeRef<'a> {
 #[instrument(skip_all, fields(bake = %bake.name_any(), namespace = bake.namespace().unwrap_or_default()))]
 pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
     let b = BakeRef::new(&bake)?;
+    // A Bake being deleted gets no new pod; garbage collection removes the one it has.
+    if bake.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
     // A finished Bake whose status is current needs nothing: no reads, no writes.
     if let Some(s) = b.status()
         && s.phase.is_some_and(|p| p.is_terminal())

@@ -1,0 +1,254 @@
+//! Support for Bake tests on the rig: CRDs installed, an operator process per test (watching only
+//! the test's namespace), BakeTemplates per test, and a delaying proxy in front of the rig's EC2
+//! endpoint to make a bake last long enough to act on it.
+#![allow(dead_code)]
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use baker::api::{Bake, BakePhase, BakeTemplate};
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Client, ResourceExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::process::{Child, Command};
+
+use crate::support::{Rig, TestNamespace, try_wait_until};
+
+/// Installs (or updates) Baker's CRDs with server-side apply and waits until they are served.
+pub async fn install_crds(rig: &Rig) -> Result<()> {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("crds");
+    let dir = dir.to_string_lossy().to_string();
+    rig.kubectl([
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "--field-manager=baker-tests",
+        "-f",
+        &dir,
+    ])
+    .await?
+    .ok()?;
+    rig.kubectl(["wait", "--for=condition=Established", "--timeout=60s", "-f", &dir])
+        .await?
+        .ok()?;
+    Ok(())
+}
+
+/// The Secret bake pods read AWS credentials from (the rig's EC2 endpoint takes any).
+pub const CREDENTIALS_SECRET: &str = "aws-credentials";
+
+pub async fn create_credentials_secret(rig: &Rig, ns: &TestNamespace) -> Result<()> {
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {"name": CREDENTIALS_SECRET},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": rig.var("AWS_ACCESS_KEY_ID"),
+            "AWS_SECRET_ACCESS_KEY": rig.var("AWS_SECRET_ACCESS_KEY"),
+        }
+    }))?;
+    ns.api::<Secret>().create(&PostParams::default(), &secret).await?;
+    Ok(())
+}
+
+/// A `baker run` process for one namespace; killed when dropped.
+pub struct Operator {
+    child: Option<Child>,
+    namespace: String,
+    log: std::path::PathBuf,
+}
+
+impl Operator {
+    pub async fn start(rig: &Rig, namespace: &str) -> Result<Operator> {
+        let log_dir = rig.dir().join("logs/tests");
+        std::fs::create_dir_all(&log_dir)?;
+        let log = log_dir.join(format!("operator-{namespace}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_baker"));
+        cmd.args(["run", "--log-format", "text", "--namespace", namespace])
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info,baker=debug,kube=warn")
+            .env("BAKER_AWS_CREDENTIALS_SECRET", CREDENTIALS_SECRET)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true);
+        for key in [
+            "KUBECONFIG",
+            "AWS_ENDPOINT_URL_EC2",
+            "AWS_REGION",
+            "AWS_DEFAULT_REGION",
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+        ] {
+            cmd.env(key, rig.var(key));
+        }
+        let child = cmd.spawn().context("starting baker run")?;
+        Ok(Operator {
+            child: Some(child),
+            namespace: namespace.to_string(),
+            log,
+        })
+    }
+
+    /// Kills the operator at once (SIGKILL), as a crash or an evicted pod would.
+    pub async fn kill(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await?;
+        }
+        Ok(())
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+/// Applies a BakeTemplate from YAML text (cluster-scoped; tests give each a unique name).
+pub async fn apply_template(client: &Client, yaml: &str) -> Result<BakeTemplate> {
+    let template: BakeTemplate = serde_yaml::from_str(yaml)?;
+    let api: Api<BakeTemplate> = Api::all(client.clone());
+    let applied = api
+        .patch(
+            &template.name_any(),
+            &PatchParams::apply("baker-tests").force(),
+            &Patch::Apply(&template),
+        )
+        .await?;
+    Ok(applied)
+}
+
+/// A rig template (`communicator: none`, the rig's source images) named `name`, with extra spec
+/// lines appended (indented two spaces, e.g. `"  ec2Endpoint: http://..."`).
+pub fn rig_template(name: &str, extra: &str) -> String {
+    format!(
+        "apiVersion: baker.io/v1alpha1
+kind: BakeTemplate
+metadata:
+  name: {name}
+spec:
+  builder: amazon-ebs
+  region: us-east-1
+  instanceType: t3.micro
+  communicator: none
+{source}
+{extra}
+",
+        source = if extra.contains("source:") {
+            String::new()
+        } else {
+            "  source:\n    filter:\n      owners: [self]\n      name: \"baker-rig-source-{virtualizationType}-*\"".to_string()
+        }
+    )
+}
+
+pub fn bake_yaml(name: &str, template: &str, service: &str, version: &str, virt: &str) -> String {
+    format!(
+        "apiVersion: baker.io/v1alpha1
+kind: Bake
+metadata:
+  name: {name}
+spec:
+  template: {template}
+  service: {service}
+  version: \"{version}\"
+  virtualizationType: {virt}
+"
+    )
+}
+
+pub async fn create_bake(ns: &TestNamespace, yaml: &str) -> Result<Bake> {
+    let bake: Bake = serde_yaml::from_str(yaml)?;
+    Ok(ns.api::<Bake>().create(&PostParams::default(), &bake).await?)
+}
+
+/// Waits until the Bake reaches `phase`, and returns it. Fails early, with the status, if it
+/// reaches another terminal phase.
+pub async fn wait_for_phase(
+    api: &Api<Bake>,
+    name: &str,
+    phase: BakePhase,
+    timeout: Duration,
+) -> Result<Bake> {
+    let what = format!("Bake {name} to reach {}", phase.as_str());
+    let bake = try_wait_until(timeout, &what, || async {
+        let bake = api.get(name).await?;
+        match bake.phase() {
+            Some(p) if p == phase => Ok(Some(bake)),
+            Some(p) if p.is_terminal() => Ok(Some(bake)),
+            _ => Ok(None),
+        }
+    })
+    .await?;
+    if bake.phase() != Some(phase) {
+        bail!(
+            "Bake {name} ended {:?} instead of {}: {:#?}",
+            bake.phase(),
+            phase.as_str(),
+            bake.status
+        );
+    }
+    Ok(bake)
+}
+
+/// A TCP proxy on 127.0.0.1 in front of an HTTP endpoint that holds every chunk the client sends
+/// for `delay`: each EC2 request packer makes through it takes that much longer.
+pub struct SlowProxy {
+    pub url: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SlowProxy {
+    pub async fn start(upstream: &str, delay: Duration) -> Result<SlowProxy> {
+        let upstream = upstream
+            .trim_start_matches("http://")
+            .trim_end_matches('/')
+            .to_string();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                tokio::spawn(async move {
+                    let Ok(server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        loop {
+                            match cr.read(&mut buf).await {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => {
+                                    tokio::time::sleep(delay).await;
+                                    if sw.write_all(&buf[..n]).await.is_err() {
+                                        break;
+                                    }
+                                }
+                            }
+                        }
+                        let _ = sw.shutdown().await;
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        });
+        Ok(SlowProxy { url, task })
+    }
+}
+
+impl Drop for SlowProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

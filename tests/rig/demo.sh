@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The demo: a Bake to a real AMI id on the local rig.
+#   tests/rig/demo.sh        bring the rig up, install Baker, bake examples/bake.yaml
+#   tests/rig/demo.sh down   stop the demo operator and take the rig down
+set -euo pipefail
+
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+cd "$root"
+rig_dir=${BAKER_RIG_DIR:-$root/target/rig}
+demo_dir="$rig_dir/demo"
+ns=baker-demo
+bake=simple-service-1.0.4
+
+say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
+
+stop_operator() {
+	if [ -f "$demo_dir/operator.pid" ]; then
+		local pid; pid=$(cat "$demo_dir/operator.pid")
+		if kill -0 "$pid" 2>/dev/null; then
+			kill "$pid" 2>/dev/null || true
+			for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+			kill -9 "$pid" 2>/dev/null || true
+		fi
+		rm -f "$demo_dir/operator.pid"
+	fi
+}
+
+if [ "${1:-up}" = down ]; then
+	stop_operator
+	tests/rig/rig.sh down
+	exit 0
+fi
+
+say "Starting the local rig (first run on a machine builds the control plane: about 10 minutes)"
+tests/rig/rig.sh up
+# shellcheck disable=SC1091
+source "$rig_dir/env"
+
+say "Building baker"
+cargo build --quiet --bin baker
+baker_bin="${CARGO_TARGET_DIR:-$root/target}/debug/baker"
+
+say "Installing the CRDs and the rig's ebs-example BakeTemplate"
+kubectl apply --server-side --field-manager=baker-demo -f crds/
+kubectl wait --for=condition=Established --timeout=60s -f crds/
+kubectl apply --server-side --field-manager=baker-demo -f examples/rig/ebs-example.yaml
+
+say "Creating namespace $ns and the AWS credentials Secret bake pods read"
+kubectl create namespace "$ns" --dry-run=client -o yaml | kubectl apply -f -
+# The rig's EC2 endpoint accepts any credentials; real clusters use IRSA or their own Secret.
+kubectl -n "$ns" create secret generic aws-credentials \
+	--from-literal=AWS_ACCESS_KEY_ID="$AWS_ACCESS_KEY_ID" \
+	--from-literal=AWS_SECRET_ACCESS_KEY="$AWS_SECRET_ACCESS_KEY" \
+	--dry-run=client -o yaml | kubectl apply -f - >/dev/null
+
+say "Starting the operator (log: $demo_dir/operator.log)"
+mkdir -p "$demo_dir"
+stop_operator
+BAKER_AWS_CREDENTIALS_SECRET=aws-credentials BAKER_LOG_FORMAT=text \
+	setsid nohup "$baker_bin" run >"$demo_dir/operator.log" 2>&1 </dev/null &
+echo $! >"$demo_dir/operator.pid"
+
+say "Applying examples/bake.yaml"
+kubectl -n "$ns" delete bake "$bake" --ignore-not-found --wait=true >/dev/null
+kubectl -n "$ns" apply -f examples/bake.yaml
+
+say "kubectl get bakes -w (until the Bake is Ready)"
+kubectl -n "$ns" get bakes -w &
+watch_pid=$!
+if ! kubectl -n "$ns" wait --for=condition=Ready "bake/$bake" --timeout=300s >/dev/null; then
+	kill "$watch_pid" 2>/dev/null || true
+	echo "The Bake did not become Ready. Its status and the operator's log:" >&2
+	kubectl -n "$ns" get bake "$bake" -o yaml >&2 || true
+	tail -n 40 "$demo_dir/operator.log" >&2 || true
+	exit 1
+fi
+sleep 1 # let the watch print the final line
+kill "$watch_pid" 2>/dev/null || true
+wait "$watch_pid" 2>/dev/null || true
+
+ami=$(kubectl -n "$ns" get bake "$bake" -o jsonpath='{.status.amiId}')
+pod=$(kubectl -n "$ns" get bake "$bake" -o jsonpath='{.status.podName}')
+say "Baked $ami"
+cat <<EOF
+AMI id: $ami
+
+Where to look next:
+  source $rig_dir/env                          # point kubectl and AWS tools at the rig
+  kubectl -n $ns get bakes                     # the Bake and its AMI
+  kubectl -n $ns describe bake $bake           # conditions and events
+  kubectl -n $ns logs pod/$pod                 # packer's output
+  kubectl -n $ns get bake $bake -o yaml        # full status: source image, pod, times
+  tests/rig/demo.sh down                       # stop the operator and the rig (make demo-down)
+EOF
