@@ -195,9 +195,234 @@ impl Ec2 {
     }
 }
 
+/// What a sweep found and removed for one Bake.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SweepReport {
+    pub instances: Vec<String>,
+    pub security_groups: Vec<String>,
+    pub key_pairs: Vec<String>,
+    pub volumes: Vec<String>,
+    pub images: Vec<String>,
+    pub snapshots: Vec<String>,
+}
+
+impl SweepReport {
+    pub fn is_empty(&self) -> bool {
+        self.instances.is_empty()
+            && self.security_groups.is_empty()
+            && self.key_pairs.is_empty()
+            && self.volumes.is_empty()
+            && self.images.is_empty()
+            && self.snapshots.is_empty()
+    }
+
+    /// A one-line account for Events and logs.
+    pub fn describe(&self) -> String {
+        let parts: Vec<String> = [
+            ("instance", &self.instances),
+            ("security group", &self.security_groups),
+            ("key pair", &self.key_pairs),
+            ("volume", &self.volumes),
+            ("image", &self.images),
+            ("snapshot", &self.snapshots),
+        ]
+        .iter()
+        .filter(|(_, ids)| !ids.is_empty())
+        .map(|(what, ids)| format!("{what}(s) {}", ids.join(", ")))
+        .collect();
+        if parts.is_empty() {
+            "nothing".to_string()
+        } else {
+            parts.join("; ")
+        }
+    }
+}
+
+/// Packer names its temporary security groups and key pairs `packer_<id>`: only those are
+/// removed when found through an instance, never a group or key the template named.
+fn packer_made(name: &str) -> bool {
+    name.starts_with("packer_") || name.starts_with("packer-")
+}
+
+impl Ec2 {
+    /// Removes what a bake left behind in EC2: instances tagged with its UID, the temporary
+    /// security groups and key pairs packer made for them (or tagged with the UID), and unattached
+    /// volumes tagged with the UID. With `images`, also deregisters the AMIs tagged with the UID
+    /// and deletes their snapshots. Idempotent; a partial failure is an error, and a retry resumes.
+    pub async fn sweep(&self, region: &str, uid: &str, images: bool) -> Result<SweepReport, Ec2Error> {
+        let client = self.client(region);
+        let by_uid = || {
+            Filter::builder()
+                .name(format!("tag:{}", crate::api::keys::BAKE_UID))
+                .values(uid)
+                .build()
+        };
+        let mut report = SweepReport::default();
+        let mut group_ids = std::collections::BTreeSet::new();
+        let mut key_names = std::collections::BTreeSet::new();
+
+        let mut pages = client
+            .describe_instances()
+            .filters(by_uid())
+            .into_paginator()
+            .send();
+        let mut to_terminate = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| Ec2Error::from_sdk("DescribeInstances", e))?;
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                let state = instance
+                    .state()
+                    .and_then(|s| s.name())
+                    .map(|n| n.as_str().to_string());
+                for group in instance.security_groups() {
+                    if let (Some(id), Some(name)) = (group.group_id(), group.group_name())
+                        && packer_made(name)
+                    {
+                        group_ids.insert(id.to_string());
+                    }
+                }
+                if let Some(key) = instance.key_name().filter(|k| packer_made(k)) {
+                    key_names.insert(key.to_string());
+                }
+                if let Some(id) = instance.instance_id()
+                    && !matches!(state.as_deref(), Some("terminated" | "shutting-down"))
+                {
+                    to_terminate.push(id.to_string());
+                }
+            }
+        }
+        if !to_terminate.is_empty() {
+            client
+                .terminate_instances()
+                .set_instance_ids(Some(to_terminate.clone()))
+                .send()
+                .await
+                .map_err(|e| Ec2Error::from_sdk("TerminateInstances", e))?;
+            report.instances = to_terminate;
+        }
+
+        let groups = client
+            .describe_security_groups()
+            .filters(by_uid())
+            .send()
+            .await
+            .map_err(|e| Ec2Error::from_sdk("DescribeSecurityGroups", e))?;
+        group_ids.extend(
+            groups
+                .security_groups()
+                .iter()
+                .filter_map(|g| g.group_id().map(str::to_string)),
+        );
+        for id in group_ids {
+            match client.delete_security_group().group_id(&id).send().await {
+                Ok(_) => report.security_groups.push(id),
+                Err(e) => {
+                    let e = Ec2Error::from_sdk("DeleteSecurityGroup", e);
+                    if e.code != "InvalidGroup.NotFound" {
+                        return Err(e);
+                    }
+                }
+            }
+        }
+
+        let keys = client
+            .describe_key_pairs()
+            .filters(by_uid())
+            .send()
+            .await
+            .map_err(|e| Ec2Error::from_sdk("DescribeKeyPairs", e))?;
+        key_names.extend(
+            keys.key_pairs()
+                .iter()
+                .filter_map(|k| k.key_name().map(str::to_string)),
+        );
+        for name in key_names {
+            // Deleting a key pair that is gone succeeds.
+            client
+                .delete_key_pair()
+                .key_name(&name)
+                .send()
+                .await
+                .map_err(|e| Ec2Error::from_sdk("DeleteKeyPair", e))?;
+            report.key_pairs.push(name);
+        }
+
+        let volumes = client
+            .describe_volumes()
+            .filters(by_uid())
+            .filters(Filter::builder().name("status").values("available").build())
+            .send()
+            .await
+            .map_err(|e| Ec2Error::from_sdk("DescribeVolumes", e))?;
+        for volume in volumes.volumes() {
+            if let Some(id) = volume.volume_id() {
+                client
+                    .delete_volume()
+                    .volume_id(id)
+                    .send()
+                    .await
+                    .map_err(|e| Ec2Error::from_sdk("DeleteVolume", e))?;
+                report.volumes.push(id.to_string());
+            }
+        }
+
+        if images {
+            let described = client
+                .describe_images()
+                .owners("self")
+                .filters(by_uid())
+                .send()
+                .await
+                .map_err(|e| Ec2Error::from_sdk("DescribeImages", e))?;
+            for image in described.images() {
+                let Some(id) = image.image_id() else { continue };
+                client
+                    .deregister_image()
+                    .image_id(id)
+                    .send()
+                    .await
+                    .map_err(|e| Ec2Error::from_sdk("DeregisterImage", e))?;
+                report.images.push(id.to_string());
+                for snapshot in image
+                    .block_device_mappings()
+                    .iter()
+                    .filter_map(|m| m.ebs()?.snapshot_id())
+                {
+                    client
+                        .delete_snapshot()
+                        .snapshot_id(snapshot)
+                        .send()
+                        .await
+                        .map_err(|e| Ec2Error::from_sdk("DeleteSnapshot", e))?;
+                    report.snapshots.push(snapshot.to_string());
+                }
+            }
+        }
+        Ok(report)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_packer_made_groups_and_keys_are_swept_through_instances() {
+        assert!(packer_made("packer_6571b2f1-9a3c"));
+        assert!(!packer_made("default"));
+        assert!(!packer_made("team-bastion"));
+    }
+
+    #[test]
+    fn sweep_report_describes_what_it_removed() {
+        let report = SweepReport {
+            instances: vec!["i-1".into()],
+            key_pairs: vec!["packer_1".into()],
+            ..Default::default()
+        };
+        assert_eq!(report.describe(), "instance(s) i-1; key pair(s) packer_1");
+        assert_eq!(SweepReport::default().describe(), "nothing");
+    }
 
     #[test]
     fn newest_image_sorts_first() {

@@ -108,6 +108,9 @@ fn read_manifest<T: serde::de::DeserializeOwned>(path: &Path, kind: &'static str
     })
 }
 
+/// The bake image assumed by a dry run; it only enters the bake key.
+const DRY_RUN_IMAGE: &str = crate::config::DEFAULT_PACKER_IMAGE;
+
 /// Renders the Packer template for a Bake and a BakeTemplate read from files.
 pub fn render_from_files(
     template_path: &Path,
@@ -148,6 +151,12 @@ pub fn render_from_files(
         template: &template.spec,
         source,
         default_ec2_endpoint: ec2_endpoint,
+        bake_key: "",
+    };
+    let key = crate::bake::key::bake_key(&input, DRY_RUN_IMAGE);
+    let input = RenderInput {
+        bake_key: &key,
+        ..input
     };
     Ok(packer::render_string(&input)?)
 }

@@ -29,6 +29,20 @@ pub struct OperatorConfig {
     #[arg(long, env = "BAKER_BAKE_GRACE_SECONDS", default_value_t = 300)]
     pub bake_grace_seconds: i64,
 
+    /// Most bakes running at once, operator-wide; more wait in phase `Queued`, in creation order.
+    #[arg(long, env = "BAKER_MAX_CONCURRENT_BAKES", default_value_t = 10)]
+    pub max_concurrent_bakes: usize,
+
+    /// Most bakes running at once in one namespace. Unset: only the operator-wide limit applies.
+    #[arg(long, env = "BAKER_MAX_CONCURRENT_BAKES_PER_NAMESPACE")]
+    pub max_concurrent_bakes_per_namespace: Option<usize>,
+
+    /// Seconds a deleted Bake keeps trying to remove leftover EC2 resources (instances, security
+    /// groups, key pairs, volumes) before it is released anyway, with a Warning Event naming what
+    /// may have leaked.
+    #[arg(long, env = "BAKER_CLEANUP_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub cleanup_timeout_seconds: i64,
+
     /// Watch Bakes in this namespace only (the operator then needs no cluster-wide rights on
     /// Bakes and pods). Unset: all namespaces.
     #[arg(long = "namespace", env = "BAKER_WATCH_NAMESPACE")]
@@ -47,6 +61,9 @@ impl Default for OperatorConfig {
             aws_credentials_secret: None,
             bake_service_account: None,
             bake_grace_seconds: 300,
+            max_concurrent_bakes: 10,
+            max_concurrent_bakes_per_namespace: None,
+            cleanup_timeout_seconds: 300,
             watch_namespace: None,
             ec2_endpoint: None,
         }

@@ -23,6 +23,18 @@ pub enum Error {
     #[error("writing Bake status failed: {0}")]
     PatchStatus(#[source] kube::Error),
 
+    #[error("labelling the Bake failed: {0}")]
+    PatchMetadata(#[source] kube::Error),
+
+    #[error("listing Bakes failed: {0}")]
+    ListBakes(#[source] kube::Error),
+
+    #[error("stopping the bake pod failed: {0}")]
+    DeletePod(#[source] kube::Error),
+
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+
     #[error(transparent)]
     Ec2(#[from] Ec2Error),
 }
@@ -32,9 +44,18 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::MissingField(_) => "invalid_object",
-            Error::GetTemplate(_) | Error::GetPod(_) => "kube_read",
-            Error::CreateConfigMap(_) | Error::CreatePod(_) | Error::PatchStatus(_) => "kube_write",
+            Error::GetTemplate(_) | Error::GetPod(_) | Error::ListBakes(_) => "kube_read",
+            Error::CreateConfigMap(_)
+            | Error::CreatePod(_)
+            | Error::PatchStatus(_)
+            | Error::PatchMetadata(_)
+            | Error::DeletePod(_) => "kube_write",
             Error::Ec2(_) => "ec2",
+            Error::Finalizer(e) => match e.as_ref() {
+                kube::runtime::finalizer::Error::ApplyFailed(inner)
+                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.category(),
+                _ => "finalizer",
+            },
         }
     }
 }

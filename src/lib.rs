@@ -10,4 +10,5 @@ pub mod bake;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod packer;

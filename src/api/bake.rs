@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Virt", type_ = "string", json_path = ".spec.virtualizationType"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "AMI", type_ = "string", json_path = ".status.amiId"),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     validation = kube::core::Rule::new("size(self.metadata.name) <= 63").message("a Bake's name must be at most 63 characters (it names and labels the bake pod)")
@@ -49,6 +50,17 @@ pub struct BakeSpec {
 
     /// Virtualization type of the AMI: `hvm` or `paravirtual`.
     pub virtualization_type: VirtualizationType,
+
+    /// Bake even if an identical image already exists. By default a Bake whose inputs (rendered
+    /// template, source image, bake image) match an existing AMI, or a Bake already under way,
+    /// reuses that AMI instead of running packer again.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub rebake: bool,
+
+    /// Deregister the AMI (and delete its snapshots) when this Bake is deleted. Only an image this
+    /// Bake made itself is removed, never one it reused. Default: the AMI outlives the Bake.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub deregister_image_on_delete: bool,
 }
 
 /// EC2 virtualization type.
@@ -74,6 +86,9 @@ pub enum BakePhase {
     /// Accepted; waiting for its template, source image or bake pod to start.
     #[default]
     Pending,
+    /// Waiting for a free slot under the operator's concurrency limits, or for an identical bake
+    /// under way; the `Ready` condition's reason and `message` say which.
+    Queued,
     /// Packer is running.
     Running,
     /// The AMI exists; its id is in `amiId`.
@@ -86,6 +101,7 @@ impl BakePhase {
     pub fn as_str(self) -> &'static str {
         match self {
             BakePhase::Pending => "Pending",
+            BakePhase::Queued => "Queued",
             BakePhase::Running => "Running",
             BakePhase::Succeeded => "Succeeded",
             BakePhase::Failed => "Failed",
@@ -116,6 +132,15 @@ pub struct BakeStatus {
     /// The image the bake started from.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_ami_id: Option<String>,
+
+    /// A hash of everything that determines the image (rendered template, source image, bake
+    /// image), also tagged on the AMI as `baker.io/bake-key`. Bakes with equal keys share one AMI.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake_key: Option<String>,
+
+    /// Set when the Bake reused an existing image instead of running packer: where it came from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reused_from: Option<ReusedImage>,
 
     /// The pod that runs (or ran) packer; `kubectl logs` it to see packer's output. Recorded
     /// before the pod is created, so a restarted operator never starts a second one.
@@ -149,6 +174,17 @@ pub struct BakeStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::api::conditions::conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// An image a Bake reused rather than baked.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ReusedImage {
+    /// The AMI reused.
+    pub image_id: String,
+    /// `namespace/name` of the Bake that made it, from the image's `baker.io/bake` tag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bake: Option<String>,
 }
 
 impl Bake {

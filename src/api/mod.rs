@@ -23,6 +23,8 @@ pub const GROUP: &str = "baker.io";
 pub mod keys {
     /// The Bake's UID: the source of truth that ties an AMI (and every temporary resource) to one Bake.
     pub const BAKE_UID: &str = "baker.io/bake-uid";
+    /// Hash of everything that determines the image: Bakes with equal keys share one AMI.
+    pub const BAKE_KEY: &str = "baker.io/bake-key";
     /// `namespace/name` of the Bake.
     pub const BAKE: &str = "baker.io/bake";
     pub const SERVICE: &str = "baker.io/service";

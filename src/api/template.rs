@@ -94,9 +94,10 @@ pub struct BakeTemplateSpec {
     pub tags: BTreeMap<String, String>,
 
     /// Hard limit for one bake, in seconds: the bake pod's `activeDeadlineSeconds`. Default 1800
-    /// (30 minutes).
+    /// (30 minutes). A bake that runs out of time fails with reason `Timeout`, unless its AMI
+    /// was already made, in which case the Bake adopts it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 60, max = 86400))]
+    #[schemars(range(min = 10, max = 86400))]
     pub timeout_seconds: Option<i64>,
 
     /// EC2 API endpoint for this template's bakes, for EC2-compatible endpoints in local

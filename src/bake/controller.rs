@@ -11,21 +11,26 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
+use super::key;
 use super::pod::{self, PodInput};
+use super::queue::{self, Decision};
 use super::status::{self, PodOutcome, Reason, Transition};
+use crate::api::bake::ReusedImage;
 use crate::api::{Bake, BakeStatus, BakeTemplate, keys};
 use crate::aws::Ec2;
 use crate::config::OperatorConfig;
 use crate::error::{Error, Result};
+use crate::failpoint;
 use crate::packer::{self, BakeIdentity, RenderInput, ResolvedSource};
 
 /// The field manager of every write Baker makes.
@@ -40,6 +45,8 @@ pub struct Context {
     pub ec2: Ec2,
     pub config: OperatorConfig,
     pub recorder: Recorder,
+    /// Held while deciding whether a Bake may launch and recording that it did.
+    pub launch_lock: tokio::sync::Mutex<()>,
 }
 
 impl Context {
@@ -54,23 +61,24 @@ impl Context {
             ec2,
             config,
             recorder,
+            launch_lock: tokio::sync::Mutex::new(()),
         }
     }
 }
 
-fn now() -> Time {
+pub(crate) fn now() -> Time {
     Time(jiff::Timestamp::now())
 }
 
-struct BakeRef<'a> {
-    bake: &'a Bake,
-    name: String,
-    namespace: String,
-    uid: String,
+pub(crate) struct BakeRef<'a> {
+    pub(crate) bake: &'a Bake,
+    pub(crate) name: String,
+    pub(crate) namespace: String,
+    pub(crate) uid: String,
 }
 
 impl<'a> BakeRef<'a> {
-    fn new(bake: &'a Bake) -> Result<Self> {
+    pub(crate) fn new(bake: &'a Bake) -> Result<Self> {
         Ok(Self {
             bake,
             name: bake.name_any(),
@@ -81,19 +89,33 @@ impl<'a> BakeRef<'a> {
         })
     }
 
-    fn status(&self) -> Option<&'a BakeStatus> {
+    pub(crate) fn status(&self) -> Option<&'a BakeStatus> {
         self.bake.status.as_ref()
     }
 }
 
+/// The finalizer that lets a deleted Bake stop its pod and sweep EC2 before it goes.
+pub const FINALIZER: &str = "baker.io/cleanup";
+
 /// Reconciles one Bake.
 #[instrument(skip_all, fields(bake = %bake.name_any(), namespace = bake.namespace().unwrap_or_default()))]
 pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
-    let b = BakeRef::new(&bake)?;
-    // A Bake being deleted gets no new pod; garbage collection removes the one it has.
-    if bake.metadata.deletion_timestamp.is_some() {
-        return Ok(Action::await_change());
-    }
+    let namespace = bake
+        .namespace()
+        .ok_or(Error::MissingField("metadata.namespace"))?;
+    let api: Api<Bake> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, bake, |event| async {
+        match event {
+            FinalizerEvent::Apply(bake) => apply(&bake, &ctx).await,
+            FinalizerEvent::Cleanup(bake) => super::cleanup::cleanup(&bake, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+async fn apply(bake: &Bake, ctx: &Context) -> Result<Action> {
+    let b = BakeRef::new(bake)?;
     // A finished Bake whose status is current needs nothing: no reads, no writes.
     if let Some(s) = b.status()
         && s.phase.is_some_and(|p| p.is_terminal())
@@ -110,19 +132,21 @@ pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
         .filter(|p| p.owner_references().iter().any(|o| o.uid == b.uid));
     let seen_uid = b.status().and_then(|s| s.pod_uid.clone());
     match pod {
-        Some(p) if seen_uid.is_none() || seen_uid == p.uid() => observe_pod(&b, &ctx, &p).await,
+        Some(p) if seen_uid.is_none() || seen_uid == p.uid() => observe_pod(&b, ctx, &p).await,
         // Seen once, gone (or replaced) now: never run packer twice for one Bake.
-        _ if seen_uid.is_some() => pod_vanished(&b, &ctx).await,
-        _ => launch(&b, &ctx).await,
+        _ if seen_uid.is_some() => pod_vanished(&b, ctx).await,
+        _ => launch(&b, ctx).await,
     }
 }
 
-/// Requeue for a pending Bake, depending on what it waits for.
+/// Requeue for a Bake, depending on what it waits for.
 fn requeue_for(reason: Reason) -> Action {
     match reason {
         Reason::TemplateNotFound | Reason::SourceImageNotFound => Action::requeue(Duration::from_secs(60)),
         Reason::Ec2Unavailable => Action::requeue(Duration::from_secs(20)),
-        Reason::AwaitingImage => Action::requeue(Duration::from_secs(3)),
+        Reason::AwaitingImage | Reason::Queued | Reason::WaitingForIdenticalBake => {
+            Action::requeue(Duration::from_secs(2))
+        }
         r if r.phase().is_terminal() => Action::await_change(),
         // The pod watch wakes us on progress; this is only a safety net.
         _ => Action::requeue(Duration::from_secs(300)),
@@ -195,6 +219,10 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
         namespace: b.namespace.clone(),
         uid: b.uid.clone(),
     };
+    let packer_image = tspec
+        .packer_image
+        .clone()
+        .unwrap_or_else(|| ctx.config.packer_image.clone());
     let input = RenderInput {
         bake: spec,
         identity: &identity,
@@ -202,6 +230,12 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
         template: tspec,
         source: ResolvedSource::AmiId(source_ami.clone()),
         default_ec2_endpoint: ctx.config.ec2_endpoint.as_deref(),
+        bake_key: "",
+    };
+    let bake_key = key::bake_key(&input, &packer_image);
+    let input = RenderInput {
+        bake_key: &bake_key,
+        ..input
     };
     let rendered = match packer::render_string(&input) {
         Ok(r) => r,
@@ -216,6 +250,49 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
         }
     };
 
+    // An identical image made earlier (by any Bake, in any cluster) is reused.
+    if !spec.rebake
+        && let Some(image) = ctx
+            .ec2
+            .images_tagged(&tspec.region, keys::BAKE_KEY, &bake_key)
+            .await?
+            .into_iter()
+            .find(|i| i.state.as_deref() == Some("available"))
+    {
+        let from = image.tags.get(keys::BAKE).cloned();
+        return reuse(b, ctx, &bake_key, &tspec.region, image.image_id, from).await;
+    }
+
+    // Deciding to launch and recording the launch happen under one lock, against a fresh list of
+    // Bakes, so two identical Bakes, or two Bakes racing for the last slot, never both start.
+    let guard = ctx.launch_lock.lock().await;
+    ensure_key_label(b, ctx, &bake_key).await?;
+    let all = list_bakes(ctx).await?;
+    let me = queue::BakeView::from_bake(b.bake);
+    let limits = queue::Limits {
+        global: ctx.config.max_concurrent_bakes.max(1),
+        per_namespace: ctx.config.max_concurrent_bakes_per_namespace.map(|n| n.max(1)),
+    };
+    match queue::decide(&me, &bake_key, spec.rebake, &all, limits) {
+        Decision::Launch => {}
+        Decision::Reuse { ami_id, from } => {
+            drop(guard);
+            return reuse(b, ctx, &bake_key, &tspec.region, ami_id, Some(from)).await;
+        }
+        Decision::WaitForIdentical { other } => {
+            drop(guard);
+            let t = Transition::new(
+                Reason::WaitingForIdenticalBake,
+                format!("Bake {other} is baking the identical image; this Bake will reuse its AMI"),
+            );
+            return finish_with_key(b, ctx, t, &bake_key).await;
+        }
+        Decision::Queued { message } => {
+            drop(guard);
+            return finish_with_key(b, ctx, Transition::new(Reason::Queued, message), &bake_key).await;
+        }
+    }
+
     // Record the launch before creating anything: a restart from here on finds the pod by name.
     let pod_name = pod::pod_name(&b.name);
     let mut launched = status::apply(
@@ -227,8 +304,11 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     launched.pod_name = Some(pod_name.clone());
     launched.source_ami_id = Some(source_ami);
     launched.region = Some(tspec.region.clone());
+    launched.bake_key = Some(bake_key.clone());
     launched.started_at = launched.started_at.or_else(|| Some(now()));
     write_status(b, ctx, &launched).await?;
+    drop(guard);
+    failpoint::hit(failpoint::LAUNCH_RECORDED);
 
     let owner = b
         .bake
@@ -250,7 +330,7 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     create_if_absent(&pods, &pod::bake_pod(&pod_input))
         .await
         .map_err(Error::CreatePod)?;
-    info!(pod = %pod_name, "launched bake pod");
+    info!(pod = %pod_name, key = %bake_key, "launched bake pod");
     publish(
         b,
         ctx,
@@ -260,6 +340,65 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     )
     .await;
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Succeeds a Bake with an image it did not bake itself.
+async fn reuse(
+    b: &BakeRef<'_>,
+    ctx: &Context,
+    bake_key: &str,
+    region: &str,
+    ami_id: String,
+    from: Option<String>,
+) -> Result<Action> {
+    let origin = from
+        .as_deref()
+        .map(|f| format!(" baked by Bake {f}"))
+        .unwrap_or_default();
+    let t = Transition::new(
+        Reason::Reused,
+        format!("reused {ami_id}{origin}: it has this Bake's key {bake_key}; set spec.rebake to bake anew"),
+    )
+    .with_ami(&ami_id);
+    let mut next = status::apply(b.status(), b.bake.metadata.generation, &t, &now());
+    next.bake_key = Some(bake_key.to_string());
+    next.region = Some(region.to_string());
+    next.reused_from = Some(ReusedImage {
+        image_id: ami_id,
+        bake: from,
+    });
+    write_if_changed(b, ctx, next, &t).await
+}
+
+/// Finishes a waiting transition, recording the bake key.
+async fn finish_with_key(b: &BakeRef<'_>, ctx: &Context, t: Transition, bake_key: &str) -> Result<Action> {
+    let mut next = status::apply(b.status(), b.bake.metadata.generation, &t, &now());
+    next.bake_key = Some(bake_key.to_string());
+    write_if_changed(b, ctx, next, &t).await
+}
+
+/// Labels the Bake with its key, so Bakes with equal keys can be listed by label.
+async fn ensure_key_label(b: &BakeRef<'_>, ctx: &Context, bake_key: &str) -> Result<()> {
+    if b.bake.labels().get(keys::BAKE_KEY).map(String::as_str) == Some(bake_key) {
+        return Ok(());
+    }
+    let api: Api<Bake> = Api::namespaced(ctx.client.clone(), &b.namespace);
+    let patch = json!({ "metadata": { "labels": { keys::BAKE_KEY: bake_key } } });
+    api.patch(&b.name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(Error::PatchMetadata)?;
+    Ok(())
+}
+
+/// Every Bake in the operator's scope, read fresh from the API server (not a cache), with our own
+/// label as it is now.
+async fn list_bakes(ctx: &Context) -> Result<Vec<queue::BakeView>> {
+    let api: Api<Bake> = match &ctx.config.watch_namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
+    };
+    let list = api.list(&ListParams::default()).await.map_err(Error::ListBakes)?;
+    Ok(list.items.iter().map(queue::BakeView::from_bake).collect())
 }
 
 async fn create_if_absent<K>(api: &Api<K>, object: &K) -> std::result::Result<(), kube::Error>
@@ -462,11 +601,23 @@ async fn pod_vanished(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
 
 /// Applies a transition: writes status if it changed, and an Event if the phase or reason did.
 async fn finish(b: &BakeRef<'_>, ctx: &Context, t: Transition, pod_uid: Option<String>) -> Result<Action> {
-    let previous = b.status();
-    let mut next = status::apply(previous, b.bake.metadata.generation, &t, &now());
+    let mut next = status::apply(b.status(), b.bake.metadata.generation, &t, &now());
     if pod_uid.is_some() {
         next.pod_uid = pod_uid;
     }
+    if t.reason.phase().is_terminal() {
+        failpoint::hit(failpoint::BEFORE_FINAL_STATUS);
+    }
+    write_if_changed(b, ctx, next, &t).await
+}
+
+async fn write_if_changed(
+    b: &BakeRef<'_>,
+    ctx: &Context,
+    next: BakeStatus,
+    t: &Transition,
+) -> Result<Action> {
+    let previous = b.status();
     if previous != Some(&next) {
         write_status(b, ctx, &next).await?;
         let previous_reason = previous
@@ -502,7 +653,7 @@ async fn write_status(b: &BakeRef<'_>, ctx: &Context, status: &BakeStatus) -> Re
 }
 
 /// Events are best effort: a failure to record one must not fail the bake.
-async fn publish(b: &BakeRef<'_>, ctx: &Context, type_: EventType, reason: &str, note: String) {
+pub(crate) async fn publish(b: &BakeRef<'_>, ctx: &Context, type_: EventType, reason: &str, note: String) {
     let event = Event {
         type_,
         reason: reason.into(),

@@ -1,5 +1,9 @@
-//! Bakes: the reconciler, the bake pod (pure) and status transitions (pure).
+//! Bakes: the reconciler, cleanup on deletion, the bake key and launch queue (pure), the bake pod
+//! (pure) and status transitions (pure).
 
+pub mod cleanup;
 pub mod controller;
+pub mod key;
 pub mod pod;
+pub mod queue;
 pub mod status;

@@ -15,11 +15,14 @@ pub enum Reason {
     SourceImageNotFound,
     Ec2Unavailable,
     Launching,
+    Queued,
+    WaitingForIdenticalBake,
     PodPending,
     Running,
     AwaitingImage,
     Succeeded,
     Adopted,
+    Reused,
     PackerFailed,
     Timeout,
     PodDeleted,
@@ -34,11 +37,14 @@ impl Reason {
             Reason::SourceImageNotFound => "SourceImageNotFound",
             Reason::Ec2Unavailable => "Ec2Unavailable",
             Reason::Launching => "Launching",
+            Reason::Queued => "Queued",
+            Reason::WaitingForIdenticalBake => "WaitingForIdenticalBake",
             Reason::PodPending => "PodPending",
             Reason::Running => "Running",
             Reason::AwaitingImage => "AwaitingImage",
             Reason::Succeeded => "Succeeded",
             Reason::Adopted => "Adopted",
+            Reason::Reused => "Reused",
             Reason::PackerFailed => "PackerFailed",
             Reason::Timeout => "Timeout",
             Reason::PodDeleted => "PodDeleted",
@@ -54,8 +60,9 @@ impl Reason {
             | Reason::Ec2Unavailable
             | Reason::Launching
             | Reason::PodPending => BakePhase::Pending,
+            Reason::Queued | Reason::WaitingForIdenticalBake => BakePhase::Queued,
             Reason::Running | Reason::AwaitingImage => BakePhase::Running,
-            Reason::Succeeded | Reason::Adopted => BakePhase::Succeeded,
+            Reason::Succeeded | Reason::Adopted | Reason::Reused => BakePhase::Succeeded,
             Reason::InvalidTemplate
             | Reason::PackerFailed
             | Reason::Timeout

@@ -50,6 +50,8 @@ pub struct RenderInput<'a> {
     pub source: ResolvedSource,
     /// EC2 endpoint to use when the template sets none (the operator's own).
     pub default_ec2_endpoint: Option<&'a str>,
+    /// The bake key, tagged on the AMI as `baker.io/bake-key` (empty while computing the key).
+    pub bake_key: &'a str,
 }
 
 /// Reasons a template cannot be rendered. Admission catches most of these; a template applied
@@ -81,6 +83,7 @@ fn variables(input: &RenderInput<'_>) -> Map<String, Value> {
     put("bake_name", &input.identity.name);
     put("bake_namespace", &input.identity.namespace);
     put("bake_uid", &input.identity.uid);
+    put("bake_key", input.bake_key);
     vars
 }
 
@@ -130,6 +133,7 @@ fn expand_name(pattern: &str) -> Result<String, RenderError> {
 fn tags(input: &RenderInput<'_>, with_source: bool) -> Map<String, Value> {
     let mut tags: BTreeMap<String, String> = input.template.tags.clone();
     tags.insert(keys::BAKE_UID.into(), user("bake_uid"));
+    tags.insert(keys::BAKE_KEY.into(), user("bake_key"));
     tags.insert(
         keys::BAKE.into(),
         format!("{}/{}", user("bake_namespace"), user("bake_name")),
@@ -330,6 +334,8 @@ mod tests {
             service: "simple-service".into(),
             version: "1.0.4".into(),
             virtualization_type: VirtualizationType::Hvm,
+            rebake: false,
+            deregister_image_on_delete: false,
         }
     }
 
@@ -374,6 +380,7 @@ mod tests {
             template: &t,
             source: ResolvedSource::AmiId("ami-0123456789abcdef0".into()),
             default_ec2_endpoint: None,
+            bake_key: "",
         };
         let v = render(&input).unwrap();
         assert_eq!(v["variables"]["service"], "simple-service");
@@ -402,6 +409,7 @@ mod tests {
             template: &t,
             source: ResolvedSource::AmiId("ami-0123456789abcdef0".into()),
             default_ec2_endpoint: None,
+            bake_key: "",
         };
         let v = render(&input).unwrap();
         for key in ["tags", "snapshot_tags", "run_tags", "run_volume_tags"] {
@@ -426,6 +434,7 @@ mod tests {
             template: &t,
             source: ResolvedSource::AmiId("ami-0123456789abcdef0".into()),
             default_ec2_endpoint: Some("http://127.0.0.1:5000"),
+            bake_key: "",
         };
         let v = render(&input).unwrap();
         assert_eq!(v["builders"][0]["custom_endpoint_ec2"], "http://127.0.0.1:5000");
@@ -448,6 +457,7 @@ mod tests {
             template: &t,
             source: ResolvedSource::AmiId("ami-0123456789abcdef0".into()),
             default_ec2_endpoint: None,
+            bake_key: "",
         };
         assert_eq!(
             render(&input).unwrap_err(),
@@ -474,6 +484,7 @@ mod tests {
             template: &t,
             source: ResolvedSource::Filter(t.source.filter.clone().unwrap_or_default()),
             default_ec2_endpoint: None,
+            bake_key: "",
         };
         let v = render(&input).unwrap();
         let f = &v["builders"][0]["source_ami_filter"];

@@ -1,0 +1,138 @@
+//! The bake key: a hash of everything that determines the image a Bake produces, so that two
+//! Bakes asking for the same image share one packer run and one AMI.
+//!
+//! It covers the rendered Packer template (builder, region, resolved source AMI id, provisioning
+//! steps, naming, tags, endpoint; the service, version and virtualization type are in it as
+//! variables) and the bake image (the Packer version). It leaves out who asked: the Bake's name,
+//! namespace and UID, and the template's timeout, which cannot change the image.
+
+use sha2::{Digest, Sha256};
+
+use crate::packer::{BakeIdentity, RenderInput, render};
+
+/// Versioned so that a change in what the key covers never matches keys made before it.
+const KEY_VERSION: &str = "baker-key-v1";
+
+/// Length of the key in hex characters: 160 bits, short enough for a label value.
+const KEY_HEX_LEN: usize = 40;
+
+/// Computes the bake key for a render input and a bake image. An input that cannot be rendered
+/// has no meaningful key; its key is computed from the error text so that it is still stable.
+pub fn bake_key(input: &RenderInput<'_>, packer_image: &str) -> String {
+    let neutral = BakeIdentity {
+        name: String::new(),
+        namespace: String::new(),
+        uid: String::new(),
+    };
+    let neutral_input = RenderInput {
+        identity: &neutral,
+        bake_key: "",
+        ..input.clone()
+    };
+    let rendered = match render(&neutral_input) {
+        Ok(value) => value.to_string(),
+        Err(e) => format!("unrenderable: {e}"),
+    };
+    let mut hash = Sha256::new();
+    for part in [KEY_VERSION, packer_image, &rendered] {
+        hash.update(part.as_bytes());
+        hash.update([0u8]);
+    }
+    let digest = hash.finalize();
+    let mut hex = String::with_capacity(KEY_HEX_LEN);
+    for byte in digest.iter() {
+        hex.push_str(&format!("{byte:02x}"));
+    }
+    hex.truncate(KEY_HEX_LEN);
+    hex
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::template::{BakeTemplateSpec, Builder, SourceImage};
+    use crate::api::{BakeSpec, VirtualizationType};
+    use crate::packer::ResolvedSource;
+
+    fn spec(version: &str) -> BakeSpec {
+        BakeSpec {
+            template: "t".into(),
+            service: "svc".into(),
+            version: version.into(),
+            virtualization_type: VirtualizationType::Hvm,
+            rebake: false,
+            deregister_image_on_delete: false,
+        }
+    }
+
+    fn template() -> BakeTemplateSpec {
+        BakeTemplateSpec {
+            builder: Builder::AmazonEbs,
+            region: "eu-west-1".into(),
+            source: SourceImage {
+                ami_id: Some("ami-0123456789abcdef0".into()),
+                filter: None,
+            },
+            instance_type: None,
+            communicator: None,
+            ssh_username: None,
+            provisioners: vec![],
+            ami_name: None,
+            ami_description: None,
+            tags: Default::default(),
+            timeout_seconds: None,
+            ec2_endpoint: None,
+            packer_image: None,
+        }
+    }
+
+    fn key(spec: &BakeSpec, t: &BakeTemplateSpec, who: &str, source: &str, image: &str) -> String {
+        let identity = BakeIdentity {
+            name: who.into(),
+            namespace: who.into(),
+            uid: who.into(),
+        };
+        let input = RenderInput {
+            bake: spec,
+            identity: &identity,
+            template_name: "t",
+            template: t,
+            source: ResolvedSource::AmiId(source.into()),
+            default_ec2_endpoint: None,
+            bake_key: "",
+        };
+        bake_key(&input, image)
+    }
+
+    #[test]
+    fn same_inputs_from_different_bakes_give_the_same_key() {
+        let (s, t) = (spec("1.0"), template());
+        let a = key(&s, &t, "a", "ami-1", "packer:1");
+        assert_eq!(a, key(&s, &t, "b", "ami-1", "packer:1"));
+        assert_eq!(a.len(), KEY_HEX_LEN);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn version_source_image_packer_image_and_steps_change_the_key() {
+        let (s, t) = (spec("1.0"), template());
+        let base = key(&s, &t, "a", "ami-1", "packer:1");
+        assert_ne!(base, key(&spec("1.1"), &t, "a", "ami-1", "packer:1"));
+        assert_ne!(base, key(&s, &t, "a", "ami-2", "packer:1"));
+        assert_ne!(base, key(&s, &t, "a", "ami-1", "packer:2"));
+        let mut tagged = template();
+        tagged.tags.insert("team".into(), "x".into());
+        assert_ne!(base, key(&s, &tagged, "a", "ami-1", "packer:1"));
+    }
+
+    #[test]
+    fn the_timeout_does_not_change_the_key() {
+        let s = spec("1.0");
+        let mut slow = template();
+        slow.timeout_seconds = Some(7200);
+        assert_eq!(
+            key(&s, &template(), "a", "ami-1", "p"),
+            key(&s, &slow, "a", "ami-1", "p")
+        );
+    }
+}

@@ -1,0 +1,317 @@
+//! Deciding whether a Bake may start its pod now: deduplication against identical bakes, and the
+//! operator-wide and per-namespace concurrency limits, first come first served. Pure: it sees a
+//! fresh list of Bakes and returns a decision.
+
+use crate::api::{Bake, BakePhase, keys};
+use kube::ResourceExt;
+
+/// What the gate needs to know about a Bake.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BakeView {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+    /// Creation time in seconds, for first-come-first-served (ties broken by namespace and name).
+    pub created: i64,
+    pub phase: Option<BakePhase>,
+    /// The Ready condition's reason, if any.
+    pub reason: Option<String>,
+    /// A pod was recorded for it: it counts against the limits until it ends.
+    pub launched: bool,
+    pub key: Option<String>,
+    pub ami_id: Option<String>,
+}
+
+impl BakeView {
+    pub fn from_bake(bake: &Bake) -> Self {
+        let status = bake.status.as_ref();
+        BakeView {
+            uid: bake.uid().unwrap_or_default(),
+            namespace: bake.namespace().unwrap_or_default(),
+            name: bake.name_any(),
+            created: bake
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_second())
+                .unwrap_or_default(),
+            phase: status.and_then(|s| s.phase),
+            reason: status
+                .and_then(|s| crate::api::conditions::find(&s.conditions, crate::api::conditions::READY))
+                .map(|c| c.reason.clone()),
+            launched: status.is_some_and(|s| s.pod_name.is_some()),
+            key: bake.labels().get(keys::BAKE_KEY).cloned(),
+            ami_id: status.and_then(|s| s.ami_id.clone()),
+        }
+    }
+
+    fn order(&self) -> (i64, &str, &str) {
+        (self.created, &self.namespace, &self.name)
+    }
+
+    fn terminal(&self) -> bool {
+        self.phase.is_some_and(|p| p.is_terminal())
+    }
+
+    /// Running or about to: holds a slot.
+    fn active(&self) -> bool {
+        self.launched && !self.terminal()
+    }
+
+    /// Not started, and will start as soon as the gate lets it: new, launching or queued, but not
+    /// held up by a missing template or source image, which would block the queue for nothing.
+    fn waiting(&self) -> bool {
+        !self.launched
+            && !self.terminal()
+            && !matches!(
+                self.reason.as_deref(),
+                Some("TemplateNotFound" | "SourceImageNotFound" | "Ec2Unavailable" | "InvalidTemplate")
+            )
+    }
+}
+
+/// The operator's concurrency limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub global: usize,
+    pub per_namespace: Option<usize>,
+}
+
+/// What the Bake should do now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Decision {
+    Launch,
+    /// An identical Bake already has the AMI.
+    Reuse {
+        ami_id: String,
+        from: String,
+    },
+    /// An identical Bake is under way (or ahead in the queue): wait for it, then reuse its AMI.
+    WaitForIdentical {
+        other: String,
+    },
+    /// Over a limit: wait in the queue.
+    Queued {
+        message: String,
+    },
+}
+
+/// Decides for `me` (its key already computed), given every Bake in the operator's scope.
+pub fn decide(me: &BakeView, key: &str, rebake: bool, all: &[BakeView], limits: Limits) -> Decision {
+    let others: Vec<&BakeView> = all.iter().filter(|b| b.uid != me.uid).collect();
+    if !rebake {
+        let identical: Vec<&&BakeView> = others.iter().filter(|b| b.key.as_deref() == Some(key)).collect();
+        if let Some(done) = identical
+            .iter()
+            .find(|b| b.phase == Some(BakePhase::Succeeded) && b.ami_id.is_some())
+        {
+            return Decision::Reuse {
+                ami_id: done.ami_id.clone().unwrap_or_default(),
+                from: format!("{}/{}", done.namespace, done.name),
+            };
+        }
+        if let Some(running) = identical
+            .iter()
+            .find(|b| b.active() || (b.waiting() && b.order() < me.order()))
+        {
+            return Decision::WaitForIdentical {
+                other: format!("{}/{}", running.namespace, running.name),
+            };
+        }
+    }
+    let active = others.iter().filter(|b| b.active()).count();
+    let ahead: Vec<&&BakeView> = others
+        .iter()
+        .filter(|b| b.waiting() && b.order() < me.order())
+        .collect();
+    if active + ahead.len() >= limits.global {
+        return Decision::Queued {
+            message: format!(
+                "queued: {active} bake(s) running of at most {} operator-wide, {} waiting ahead",
+                limits.global,
+                ahead.len()
+            ),
+        };
+    }
+    if let Some(cap) = limits.per_namespace {
+        let active_ns = others
+            .iter()
+            .filter(|b| b.active() && b.namespace == me.namespace)
+            .count();
+        let ahead_ns = ahead.iter().filter(|b| b.namespace == me.namespace).count();
+        if active_ns + ahead_ns >= cap {
+            return Decision::Queued {
+                message: format!(
+                    "queued: {active_ns} bake(s) running of at most {cap} in namespace {}, {ahead_ns} waiting ahead",
+                    me.namespace
+                ),
+            };
+        }
+    }
+    Decision::Launch
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(name: &str, created: i64) -> BakeView {
+        BakeView {
+            uid: name.into(),
+            namespace: "ns".into(),
+            name: name.into(),
+            created,
+            phase: None,
+            reason: None,
+            launched: false,
+            key: Some(format!("key-{name}")),
+            ami_id: None,
+        }
+    }
+
+    fn running(name: &str, created: i64) -> BakeView {
+        BakeView {
+            phase: Some(BakePhase::Running),
+            launched: true,
+            ..view(name, created)
+        }
+    }
+
+    const TWO: Limits = Limits {
+        global: 2,
+        per_namespace: None,
+    };
+
+    #[test]
+    fn first_bake_launches() {
+        let me = view("a", 1);
+        assert_eq!(
+            decide(&me, "key-a", false, std::slice::from_ref(&me), TWO),
+            Decision::Launch
+        );
+    }
+
+    #[test]
+    fn bakes_over_the_global_limit_queue() {
+        let me = view("c", 3);
+        let all = vec![running("a", 1), running("b", 2), me.clone()];
+        assert!(matches!(
+            decide(&me, "key-c", false, &all, TWO),
+            Decision::Queued { .. }
+        ));
+    }
+
+    #[test]
+    fn a_younger_bake_never_overtakes_an_older_waiting_one() {
+        let all = vec![view("a", 1), view("b", 2), view("c", 3)];
+        let limits = Limits {
+            global: 1,
+            per_namespace: None,
+        };
+        assert_eq!(decide(&all[0], "key-a", false, &all, limits), Decision::Launch);
+        assert!(matches!(
+            decide(&all[2], "key-c", false, &all, limits),
+            Decision::Queued { .. }
+        ));
+        // Same second: namespace then name decide.
+        let tie = vec![view("x-1", 5), view("x-2", 5)];
+        assert_eq!(decide(&tie[0], "key-x-1", false, &tie, limits), Decision::Launch);
+        assert!(matches!(
+            decide(&tie[1], "key-x-2", false, &tie, limits),
+            Decision::Queued { .. }
+        ));
+    }
+
+    #[test]
+    fn bakes_stuck_on_a_missing_template_do_not_block_the_queue() {
+        let stuck = BakeView {
+            reason: Some("TemplateNotFound".into()),
+            phase: Some(BakePhase::Pending),
+            ..view("a", 1)
+        };
+        let me = view("b", 2);
+        let limits = Limits {
+            global: 1,
+            per_namespace: None,
+        };
+        assert_eq!(
+            decide(&me, "key-b", false, &[stuck, me.clone()], limits),
+            Decision::Launch
+        );
+    }
+
+    #[test]
+    fn per_namespace_limit_counts_only_that_namespace() {
+        let other_ns = BakeView {
+            namespace: "other".into(),
+            ..running("a", 1)
+        };
+        let same_ns = running("b", 2);
+        let me = view("c", 3);
+        let limits = Limits {
+            global: 10,
+            per_namespace: Some(1),
+        };
+        let all = vec![other_ns.clone(), same_ns, me.clone()];
+        assert!(
+            matches!(decide(&me, "key-c", false, &all, limits), Decision::Queued { message } if message.contains("namespace ns"))
+        );
+        assert_eq!(
+            decide(&me, "key-c", false, &[other_ns, me.clone()], limits),
+            Decision::Launch
+        );
+    }
+
+    #[test]
+    fn identical_bake_under_way_is_waited_for_and_a_finished_one_reused() {
+        let first = BakeView {
+            key: Some("k".into()),
+            ..running("a", 1)
+        };
+        let me = BakeView {
+            key: Some("k".into()),
+            ..view("b", 2)
+        };
+        assert_eq!(
+            decide(&me, "k", false, &[first.clone(), me.clone()], TWO),
+            Decision::WaitForIdentical { other: "ns/a".into() }
+        );
+        let done = BakeView {
+            phase: Some(BakePhase::Succeeded),
+            ami_id: Some("ami-1".into()),
+            ..first
+        };
+        assert_eq!(
+            decide(&me, "k", false, &[done.clone(), me.clone()], TWO),
+            Decision::Reuse {
+                ami_id: "ami-1".into(),
+                from: "ns/a".into()
+            }
+        );
+        assert_eq!(
+            decide(&me, "k", true, &[done, me.clone()], TWO),
+            Decision::Launch,
+            "rebake skips reuse"
+        );
+    }
+
+    #[test]
+    fn an_older_identical_bake_goes_first_even_before_it_launched() {
+        let older = BakeView {
+            key: Some("k".into()),
+            ..view("a", 1)
+        };
+        let me = BakeView {
+            key: Some("k".into()),
+            ..view("b", 2)
+        };
+        assert!(matches!(
+            decide(&me, "k", false, &[older.clone(), me.clone()], TWO),
+            Decision::WaitForIdentical { .. }
+        ));
+        assert_eq!(
+            decide(&older, "k", false, &[older.clone(), me], TWO),
+            Decision::Launch
+        );
+    }
+}

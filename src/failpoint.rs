@@ -1,0 +1,32 @@
+//! Failpoints: named places where the operator can be made to stop dead, so that tests can prove
+//! a crash at that exact moment loses nothing. Inactive unless `BAKER_FAILPOINTS` names them
+//! (comma-separated); never set it in production.
+
+use std::sync::OnceLock;
+
+/// The bake launch was recorded in status; the pod is not created yet.
+pub const LAUNCH_RECORDED: &str = "launch-recorded";
+/// The bake pod has ended; the Bake's final status is not written yet.
+pub const BEFORE_FINAL_STATUS: &str = "before-final-status";
+
+fn active() -> &'static [String] {
+    static ACTIVE: OnceLock<Vec<String>> = OnceLock::new();
+    ACTIVE.get_or_init(|| {
+        std::env::var("BAKER_FAILPOINTS")
+            .map(|v| {
+                v.split(',')
+                    .map(|s| s.trim().to_string())
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
+            .unwrap_or_default()
+    })
+}
+
+/// Exits the process at once if the failpoint is active (as a crash or a SIGKILL would).
+pub fn hit(name: &str) {
+    if active().iter().any(|a| a == name) {
+        tracing::error!(failpoint = name, "failpoint hit: exiting");
+        std::process::exit(86);
+    }
+}
