@@ -32,9 +32,6 @@ pub enum Error {
     #[error("stopping the bake pod failed: {0}")]
     DeletePod(#[source] kube::Error),
 
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
-
     #[error(transparent)]
     Ec2(#[from] Ec2Error),
 }
@@ -51,11 +48,6 @@ impl Error {
             | Error::PatchMetadata(_)
             | Error::DeletePod(_) => "kube_write",
             Error::Ec2(_) => "ec2",
-            Error::Finalizer(e) => match e.as_ref() {
-                kube::runtime::finalizer::Error::ApplyFailed(inner)
-                | kube::runtime::finalizer::Error::CleanupFailed(inner) => inner.category(),
-                _ => "finalizer",
-            },
         }
     }
 }

@@ -169,7 +169,7 @@ async fn operator_killed_while_packer_runs_ends_with_one_pod_and_one_ami() -> Re
     let ns = TestNamespace::new(&client, "bake-restart").await?;
     create_credentials_secret(rig, &ns).await?;
     // Every EC2 request of packer takes 400 ms more: the bake runs for several seconds.
-    let proxy = SlowProxy::start(rig.ec2_endpoint(), Duration::from_millis(400)).await?;
+    let proxy = SlowProxy::start(rig.ec2_endpoint(), Delay::All(Duration::from_millis(400))).await?;
     let template = format!("{}-slow", ns.name());
     apply_template(
         &client,

@@ -24,7 +24,16 @@ fn pod_is_done(pod: &Pod) -> bool {
     )
 }
 
-pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Action> {
+/// Where the cleanup of a deleted Bake stands.
+#[derive(Debug)]
+pub enum Cleanup {
+    /// Nothing is left to do: the finalizer can go.
+    Done,
+    /// Still stopping the pod or retrying EC2; look again after this.
+    Pending(Action),
+}
+
+pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
     let b = BakeRef::new(bake)?;
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
     let pod_name = pod::pod_name(&b.name);
@@ -60,7 +69,7 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Action> {
             )
             .await;
         }
-        return Ok(Action::requeue(Duration::from_secs(2)));
+        return Ok(Cleanup::Pending(Action::requeue(Duration::from_secs(2))));
     }
 
     // Never launched: nothing can be in EC2.
@@ -69,7 +78,7 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Action> {
         .and_then(|s| s.region.clone())
         .filter(|_| b.status().is_some_and(|s| s.pod_name.is_some()))
     else {
-        return Ok(Action::await_change());
+        return Ok(Cleanup::Done);
     };
     let remove_image =
         bake.spec.deregister_image_on_delete && b.status().is_some_and(|s| s.reused_from.is_none());
@@ -86,7 +95,7 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Action> {
                 )
                 .await;
             }
-            Ok(Action::await_change())
+            Ok(Cleanup::Done)
         }
         Err(e) => {
             let deleted_at = bake
@@ -106,7 +115,7 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Action> {
                     format!("EC2 cleanup failed, retrying: {e}"),
                 )
                 .await;
-                return Ok(Action::requeue(Duration::from_secs(10)));
+                return Ok(Cleanup::Pending(Action::requeue(Duration::from_secs(10))));
             }
             warn!(error = %e, waited, "giving up EC2 cleanup; releasing the Bake");
             publish(
@@ -121,7 +130,7 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Action> {
                 ),
             )
             .await;
-            Ok(Action::await_change())
+            Ok(Cleanup::Done)
         }
     }
 }

@@ -14,7 +14,6 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
@@ -100,18 +99,52 @@ pub const FINALIZER: &str = "baker.io/cleanup";
 /// Reconciles one Bake.
 #[instrument(skip_all, fields(bake = %bake.name_any(), namespace = bake.namespace().unwrap_or_default()))]
 pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
+    let has_finalizer = bake.finalizers().iter().any(|f| f == FINALIZER);
+    if bake.metadata.deletion_timestamp.is_some() {
+        if !has_finalizer {
+            return Ok(Action::await_change());
+        }
+        return match super::cleanup::cleanup(&bake, &ctx).await? {
+            super::cleanup::Cleanup::Done => {
+                set_finalizer(&bake, &ctx, false).await?;
+                Ok(Action::await_change())
+            }
+            super::cleanup::Cleanup::Pending(action) => Ok(action),
+        };
+    }
+    if !has_finalizer {
+        set_finalizer(&bake, &ctx, true).await?;
+    }
+    apply(&bake, &ctx).await
+}
+
+/// Adds or removes Baker's finalizer, guarded by the resourceVersion so a concurrent change to
+/// the list is never overwritten.
+async fn set_finalizer(bake: &Bake, ctx: &Context, present: bool) -> Result<()> {
+    let mut finalizers: Vec<String> = bake
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    if present {
+        finalizers.push(FINALIZER.to_string());
+    }
     let namespace = bake
         .namespace()
         .ok_or(Error::MissingField("metadata.namespace"))?;
     let api: Api<Bake> = Api::namespaced(ctx.client.clone(), &namespace);
-    finalizer(&api, FINALIZER, bake, |event| async {
-        match event {
-            FinalizerEvent::Apply(bake) => apply(&bake, &ctx).await,
-            FinalizerEvent::Cleanup(bake) => super::cleanup::cleanup(&bake, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    let patch =
+        json!({ "metadata": { "finalizers": finalizers, "resourceVersion": bake.resource_version() } });
+    match api
+        .patch(&bake.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => Ok(()),
+        // Already gone: nothing left to hold.
+        Err(kube::Error::Api(s)) if s.code == 404 && !present => Ok(()),
+        Err(e) => Err(Error::PatchMetadata(e)),
+    }
 }
 
 async fn apply(bake: &Bake, ctx: &Context) -> Result<Action> {
@@ -121,6 +154,7 @@ async fn apply(bake: &Bake, ctx: &Context) -> Result<Action> {
         && s.phase.is_some_and(|p| p.is_terminal())
         && s.observed_generation == bake.metadata.generation
     {
+        tracing::debug!("finished and up to date");
         return Ok(Action::await_change());
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);

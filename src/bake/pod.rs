@@ -75,6 +75,8 @@ fn env(input: &PodInput<'_>) -> Vec<EnvVar> {
     let mut env = vec![
         // Packer must not phone home: bake pods may have no egress but EC2.
         plain("CHECKPOINT_DISABLE", "1"),
+        // Names the Bake on the process, for whoever looks at the node.
+        plain("BAKER_BAKE", &format!("{}/{}", input.namespace, input.bake_name)),
         plain("HOME", WORK_DIR),
         plain("TMPDIR", WORK_DIR),
         plain("PACKER_CACHE_DIR", &format!("{WORK_DIR}/packer_cache")),

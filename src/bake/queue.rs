@@ -120,33 +120,41 @@ pub fn decide(me: &BakeView, key: &str, rebake: bool, all: &[BakeView], limits: 
         }
     }
     let active = others.iter().filter(|b| b.active()).count();
-    let ahead: Vec<&&BakeView> = others
-        .iter()
-        .filter(|b| b.waiting() && b.order() < me.order())
-        .collect();
-    if active + ahead.len() >= limits.global {
+    let active_in = |ns: &str| others.iter().filter(|b| b.active() && b.namespace == ns).count();
+    if active >= limits.global {
         return Decision::Queued {
             message: format!(
-                "queued: {active} bake(s) running of at most {} operator-wide, {} waiting ahead",
-                limits.global,
-                ahead.len()
+                "queued: {active} bake(s) running, the operator-wide limit is {}",
+                limits.global
             ),
         };
     }
     if let Some(cap) = limits.per_namespace {
-        let active_ns = others
-            .iter()
-            .filter(|b| b.active() && b.namespace == me.namespace)
-            .count();
-        let ahead_ns = ahead.iter().filter(|b| b.namespace == me.namespace).count();
-        if active_ns + ahead_ns >= cap {
+        let active_ns = active_in(&me.namespace);
+        if active_ns >= cap {
             return Decision::Queued {
                 message: format!(
-                    "queued: {active_ns} bake(s) running of at most {cap} in namespace {}, {ahead_ns} waiting ahead",
+                    "queued: {active_ns} bake(s) running in namespace {}, its limit is {cap}",
                     me.namespace
                 ),
             };
         }
+    }
+    // First come, first served: an older Bake that could start now goes first. One held back by
+    // its own namespace's limit does not hold up others.
+    let ahead = others
+        .iter()
+        .filter(|b| b.waiting() && b.order() < me.order())
+        .filter(|b| {
+            limits
+                .per_namespace
+                .is_none_or(|cap| active_in(&b.namespace) < cap)
+        })
+        .count();
+    if ahead > 0 {
+        return Decision::Queued {
+            message: format!("queued: {ahead} older Bake(s) start first"),
+        };
     }
     Decision::Launch
 }

@@ -63,6 +63,16 @@ pub struct Operator {
 
 impl Operator {
     pub async fn start(rig: &Rig, namespace: &str) -> Result<Operator> {
+        Self::start_with(rig, namespace, &[], &[]).await
+    }
+
+    /// Starts `baker run` with extra flags and environment (e.g. `BAKER_FAILPOINTS`).
+    pub async fn start_with(
+        rig: &Rig,
+        namespace: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Result<Operator> {
         let log_dir = rig.dir().join("logs/tests");
         std::fs::create_dir_all(&log_dir)?;
         let log = log_dir.join(format!("operator-{namespace}.log"));
@@ -77,6 +87,8 @@ impl Operator {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
+            .args(args)
+            .envs(env.iter().copied())
             .kill_on_drop(true);
         for key in [
             "KUBECONFIG",
@@ -106,6 +118,18 @@ impl Operator {
 
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits for the process to exit by itself (a failpoint), and returns its exit code.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
+        let Some(child) = self.child.as_mut() else {
+            bail!("operator not running")
+        };
+        let status = tokio::time::timeout(timeout, child.wait())
+            .await
+            .map_err(|_| anyhow::anyhow!("operator did not exit within {timeout:?}"))??;
+        self.child = None;
+        Ok(status.code())
     }
 }
 
@@ -196,24 +220,43 @@ pub async fn wait_for_phase(
     Ok(bake)
 }
 
-/// A TCP proxy on 127.0.0.1 in front of an HTTP endpoint that holds every chunk the client sends
-/// for `delay`: each EC2 request packer makes through it takes that much longer.
+/// Which client chunks a [`SlowProxy`] holds back, and for how long.
+#[derive(Clone, Debug)]
+pub enum Delay {
+    /// Every chunk.
+    All(Duration),
+    /// Chunks of requests for this EC2 action (e.g. `RunInstances`).
+    On(&'static str, Duration),
+    /// Every chunk once a request for this action has gone through.
+    After(&'static str, Duration),
+}
+
+/// A TCP proxy on 127.0.0.1 in front of an HTTP endpoint that holds back what the client sends,
+/// by rule: a way to make packer's EC2 calls slow, or to stall it at a chosen step.
 pub struct SlowProxy {
     pub url: String,
     task: tokio::task::JoinHandle<()>,
 }
 
+fn mentions(chunk: &[u8], action: &str) -> bool {
+    let needle = format!("Action={action}");
+    chunk.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
 impl SlowProxy {
-    pub async fn start(upstream: &str, delay: Duration) -> Result<SlowProxy> {
+    pub async fn start(upstream: &str, delay: Delay) -> Result<SlowProxy> {
         let upstream = upstream
             .trim_start_matches("http://")
             .trim_end_matches('/')
             .to_string();
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
+        let tripped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let upstream = upstream.clone();
+                let delay = delay.clone();
+                let tripped = tripped.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&upstream).await else {
                         return;
@@ -226,8 +269,24 @@ impl SlowProxy {
                             match cr.read(&mut buf).await {
                                 Ok(0) | Err(_) => break,
                                 Ok(n) => {
-                                    tokio::time::sleep(delay).await;
-                                    if sw.write_all(&buf[..n]).await.is_err() {
+                                    let chunk = &buf[..n];
+                                    let hold = match &delay {
+                                        Delay::All(d) => Some(*d),
+                                        Delay::On(action, d) => mentions(chunk, action).then_some(*d),
+                                        Delay::After(action, d) => {
+                                            let held = tripped
+                                                .load(std::sync::atomic::Ordering::SeqCst)
+                                                .then_some(*d);
+                                            if mentions(chunk, action) {
+                                                tripped.store(true, std::sync::atomic::Ordering::SeqCst);
+                                            }
+                                            held
+                                        }
+                                    };
+                                    if let Some(d) = hold {
+                                        tokio::time::sleep(d).await;
+                                    }
+                                    if sw.write_all(chunk).await.is_err() {
                                         break;
                                     }
                                 }
@@ -251,4 +310,22 @@ impl Drop for SlowProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// The Ready condition's reason of a Bake.
+pub fn ready_reason(bake: &Bake) -> Option<String> {
+    bake.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.reason.clone())
+}
+
+/// Sets up a namespace with the credentials Secret, after installing the CRDs.
+pub async fn namespace(rig: &Rig, client: &Client, prefix: &str) -> Result<TestNamespace> {
+    install_crds(rig).await?;
+    let ns = TestNamespace::new(client, prefix).await?;
+    create_credentials_secret(rig, &ns).await?;
+    Ok(ns)
 }

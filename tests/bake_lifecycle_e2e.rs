@@ -1,0 +1,391 @@
+//! End to end on the rig: the lifecycle guarantees. No duplicate bakes, bounded concurrency,
+//! timeouts, cancellation with cleanup, and crash safety at chosen moments.
+
+mod bake_support;
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{Result, ensure};
+use aws_sdk_ec2::types::Filter;
+use bake_support::*;
+use baker::api::{Bake, BakePhase, keys};
+use futures::TryStreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::DeleteParams;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, ResourceExt};
+use support::{rig, try_wait_until, wait_deleted};
+
+const BAKE_TIMEOUT: Duration = Duration::from_secs(180);
+
+async fn images_tagged(ec2: &aws_sdk_ec2::Client, key: &str, value: &str) -> Result<Vec<String>> {
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(Filter::builder().name(format!("tag:{key}")).values(value).build())
+        .send()
+        .await?;
+    Ok(out
+        .images()
+        .iter()
+        .filter_map(|i| i.image_id().map(str::to_string))
+        .collect())
+}
+
+/// Records, for the bake pods of a namespace, the order they were first seen in and the most
+/// that were unfinished at once.
+struct PodWatch {
+    order: Arc<Mutex<Vec<String>>>,
+    max_active: Arc<Mutex<usize>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PodWatch {
+    fn start(pods: Api<Pod>) -> PodWatch {
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let max_active = Arc::new(Mutex::new(0));
+        let (o, m) = (order.clone(), max_active.clone());
+        let task = tokio::spawn(async move {
+            let mut active: BTreeMap<String, bool> = BTreeMap::new();
+            let stream = watcher(
+                pods,
+                watcher::Config::default().labels("app.kubernetes.io/managed-by=baker"),
+            )
+            .applied_objects();
+            futures::pin_mut!(stream);
+            while let Ok(Some(pod)) = stream.try_next().await {
+                let name = pod.name_any();
+                let done = matches!(support::pod_phase(&pod), Some("Succeeded" | "Failed"));
+                if let Ok(mut order) = o.lock()
+                    && !order.contains(&name)
+                {
+                    order.push(name.clone());
+                }
+                active.insert(name, !done);
+                let now = active.values().filter(|a| **a).count();
+                if let Ok(mut max) = m.lock() {
+                    *max = (*max).max(now);
+                }
+            }
+        });
+        PodWatch {
+            order,
+            max_active,
+            task,
+        }
+    }
+
+    fn order(&self) -> Vec<String> {
+        self.order.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    fn max_active(&self) -> usize {
+        self.max_active.lock().map(|m| *m).unwrap_or_default()
+    }
+}
+
+impl Drop for PodWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn identical_bakes_share_one_packer_run_and_rebake_makes_a_second_ami() -> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "dedup").await?;
+    let template = format!("{}-t", ns.name());
+    apply_template(&client, &rig_template(&template, "")).await?;
+    let watch = PodWatch::start(ns.api());
+    let _operator = Operator::start(rig, ns.name()).await?;
+
+    create_bake(&ns, &bake_yaml("first", &template, "dedup", "1.2.3", "hvm")).await?;
+    create_bake(&ns, &bake_yaml("second", &template, "dedup", "1.2.3", "hvm")).await?;
+    let bakes = ns.api::<Bake>();
+    let first = wait_for_phase(&bakes, "first", BakePhase::Succeeded, BAKE_TIMEOUT).await?;
+    let second = wait_for_phase(&bakes, "second", BakePhase::Succeeded, BAKE_TIMEOUT).await?;
+    let ami = |b: &Bake| b.status.as_ref().and_then(|s| s.ami_id.clone());
+    assert_eq!(ami(&first), ami(&second), "both Bakes have the same AMI");
+    assert_eq!(watch.order().len(), 1, "one packer run: {:?}", watch.order());
+    let reused = [&first, &second]
+        .iter()
+        .filter(|b| ready_reason(b).as_deref() == Some("Reused"))
+        .count();
+    assert_eq!(reused, 1, "exactly one Bake is marked as reused");
+    let marked = if ready_reason(&first).as_deref() == Some("Reused") {
+        &first
+    } else {
+        &second
+    };
+    let from = marked
+        .status
+        .as_ref()
+        .and_then(|s| s.reused_from.clone())
+        .expect("reusedFrom set");
+    assert_eq!(Some(from.image_id), ami(marked));
+    let key = first
+        .status
+        .as_ref()
+        .and_then(|s| s.bake_key.clone())
+        .expect("bake key recorded");
+    assert_eq!(
+        Some(key.clone()),
+        second.status.as_ref().and_then(|s| s.bake_key.clone())
+    );
+
+    // The rebake knob bakes anew: a second AMI with the same key.
+    let mut yaml = bake_yaml("third", &template, "dedup", "1.2.3", "hvm");
+    yaml.push_str("  rebake: true\n");
+    create_bake(&ns, &yaml).await?;
+    let third = wait_for_phase(&bakes, "third", BakePhase::Succeeded, BAKE_TIMEOUT).await?;
+    assert_ne!(ami(&third), ami(&first));
+    assert_eq!(ready_reason(&third).as_deref(), Some("Succeeded"));
+    let with_key = images_tagged(&rig.ec2(), keys::BAKE_KEY, &key).await?;
+    assert_eq!(with_key.len(), 2, "two AMIs carry the key: {with_key:?}");
+    ns.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn with_a_cap_of_two_six_bakes_never_run_more_than_two_pods_and_start_in_creation_order() -> Result<()>
+{
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "cap").await?;
+    // Slow EC2 calls make the bakes overlap.
+    let proxy = SlowProxy::start(rig.ec2_endpoint(), Delay::All(Duration::from_millis(150))).await?;
+    let template = format!("{}-t", ns.name());
+    apply_template(
+        &client,
+        &rig_template(&template, &format!("  ec2Endpoint: {}", proxy.url)),
+    )
+    .await?;
+    let watch = PodWatch::start(ns.api());
+    let _operator = Operator::start_with(rig, ns.name(), &["--max-concurrent-bakes", "2"], &[]).await?;
+
+    let names: Vec<String> = (1..=6).map(|i| format!("cap-{i}")).collect();
+    for (i, name) in names.iter().enumerate() {
+        create_bake(
+            &ns,
+            &bake_yaml(name, &template, "cap", &format!("1.0.{i}"), "hvm"),
+        )
+        .await?;
+    }
+    let bakes = ns.api::<Bake>();
+    // Bakes over the cap say why they wait.
+    try_wait_until(Duration::from_secs(60), "a Bake to be Queued", || async {
+        let list = bakes.list(&Default::default()).await?;
+        Ok(list
+            .items
+            .iter()
+            .any(|b| b.phase() == Some(BakePhase::Queued))
+            .then_some(()))
+    })
+    .await?;
+    let queued = rig.kubectl(["-n", ns.name(), "get", "bakes"]).await?.ok()?;
+    assert!(queued.stdout.contains("Queued"), "{}", queued.stdout);
+    for name in &names {
+        wait_for_phase(&bakes, name, BakePhase::Succeeded, BAKE_TIMEOUT).await?;
+    }
+    let expected: Vec<String> = names.iter().map(|n| format!("bake-{n}")).collect();
+    assert_eq!(watch.order(), expected, "pods started in creation order");
+    assert!(
+        watch.max_active() <= 2,
+        "at most two bake pods at once, saw {}",
+        watch.max_active()
+    );
+    assert_eq!(watch.max_active(), 2, "the cap was used");
+    drop(proxy);
+    ns.cleanup().await
+}
+
+/// No process on this machine runs for the Bake (its pod's environment names it).
+fn no_process_for(bake: &str) -> Result<()> {
+    let needle = format!("BAKER_BAKE={bake}");
+    for entry in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(environ) = std::fs::read(entry.path().join("environ")) else {
+            continue;
+        };
+        let found = environ.split(|b| *b == 0).any(|var| var == needle.as_bytes());
+        ensure!(!found, "process {:?} still runs for {bake}", entry.file_name());
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bake_over_its_timeout_fails_with_reason_timeout_and_leaves_no_process() -> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "timeout").await?;
+    // Packer never gets its instance: RunInstances is held for a minute.
+    let proxy = SlowProxy::start(
+        rig.ec2_endpoint(),
+        Delay::On("RunInstances", Duration::from_secs(60)),
+    )
+    .await?;
+    let template = format!("{}-t", ns.name());
+    let extra = format!("  ec2Endpoint: {}\n  timeoutSeconds: 10", proxy.url);
+    apply_template(&client, &rig_template(&template, &extra)).await?;
+    let _operator = Operator::start_with(rig, ns.name(), &["--bake-grace-seconds", "3"], &[]).await?;
+
+    create_bake(&ns, &bake_yaml("late", &template, "late", "1.0.0", "hvm")).await?;
+    let bake = wait_for_phase(&ns.api::<Bake>(), "late", BakePhase::Failed, BAKE_TIMEOUT).await?;
+    assert_eq!(
+        ready_reason(&bake).as_deref(),
+        Some("Timeout"),
+        "{:?}",
+        bake.status
+    );
+    no_process_for(&format!("{}/late", ns.name()))?;
+    drop(proxy);
+    ns.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bake_timing_out_after_its_image_exists_adopts_the_image() -> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "adopt").await?;
+    // The AMI is made and tagged, then every later call of packer is held: the deadline hits.
+    let proxy = SlowProxy::start(
+        rig.ec2_endpoint(),
+        Delay::After("CreateTags", Duration::from_secs(60)),
+    )
+    .await?;
+    let template = format!("{}-t", ns.name());
+    let extra = format!("  ec2Endpoint: {}\n  timeoutSeconds: 10", proxy.url);
+    apply_template(&client, &rig_template(&template, &extra)).await?;
+    let _operator = Operator::start_with(rig, ns.name(), &["--bake-grace-seconds", "3"], &[]).await?;
+
+    create_bake(&ns, &bake_yaml("almost", &template, "almost", "1.0.0", "hvm")).await?;
+    let bake = wait_for_phase(&ns.api::<Bake>(), "almost", BakePhase::Succeeded, BAKE_TIMEOUT).await?;
+    assert_eq!(
+        ready_reason(&bake).as_deref(),
+        Some("Adopted"),
+        "{:?}",
+        bake.status
+    );
+    let tagged = images_tagged(&rig.ec2(), keys::BAKE_UID, &bake.uid().unwrap_or_default()).await?;
+    assert_eq!(
+        bake.status.as_ref().and_then(|s| s.ami_id.clone()),
+        tagged.first().cloned()
+    );
+    drop(proxy);
+    ns.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_running_bake_stops_its_pod_and_leaves_nothing_in_ec2() -> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "cancel").await?;
+    // Packer has its instance, security group and key pair, and waits on CreateImage.
+    let proxy = SlowProxy::start(
+        rig.ec2_endpoint(),
+        Delay::On("CreateImage", Duration::from_secs(120)),
+    )
+    .await?;
+    let template = format!("{}-t", ns.name());
+    apply_template(
+        &client,
+        &rig_template(&template, &format!("  ec2Endpoint: {}", proxy.url)),
+    )
+    .await?;
+    let _operator = Operator::start_with(rig, ns.name(), &["--bake-grace-seconds", "20"], &[]).await?;
+
+    create_bake(&ns, &bake_yaml("doomed", &template, "doomed", "1.0.0", "hvm")).await?;
+    let bakes = ns.api::<Bake>();
+    let bake = wait_for_phase(&bakes, "doomed", BakePhase::Running, BAKE_TIMEOUT).await?;
+    let uid = bake.uid().unwrap_or_default();
+    let ec2 = rig.ec2();
+    let by_uid = || {
+        Filter::builder()
+            .name(format!("tag:{}", keys::BAKE_UID))
+            .values(&uid)
+            .build()
+    };
+    // Wait until packer's instance exists, so there is something to clean up.
+    let instances = try_wait_until(Duration::from_secs(60), "packer's instance", || async {
+        let out = ec2.describe_instances().filters(by_uid()).send().await?;
+        let found: Vec<aws_sdk_ec2::types::Instance> = out
+            .reservations()
+            .iter()
+            .flat_map(|r| r.instances().to_vec())
+            .collect();
+        Ok((!found.is_empty()).then_some(found))
+    })
+    .await?;
+
+    bakes.delete("doomed", &DeleteParams::default()).await?;
+    wait_deleted(&bakes, "doomed", Duration::from_secs(90)).await?;
+    wait_deleted(&ns.api::<Pod>(), "bake-doomed", Duration::from_secs(30)).await?;
+
+    let out = ec2.describe_instances().filters(by_uid()).send().await?;
+    for instance in out.reservations().iter().flat_map(|r| r.instances()) {
+        let state = instance
+            .state()
+            .and_then(|s| s.name())
+            .map(|n| n.as_str().to_string());
+        assert_eq!(
+            state.as_deref(),
+            Some("terminated"),
+            "instance {:?} left {state:?}",
+            instance.instance_id()
+        );
+    }
+    for instance in &instances {
+        for group in instance.security_groups() {
+            let id = group.group_id().unwrap_or_default();
+            let found = ec2.describe_security_groups().group_ids(id).send().await;
+            assert!(
+                found.map(|f| f.security_groups().is_empty()).unwrap_or(true),
+                "security group {id} ({:?}) left",
+                group.group_name()
+            );
+        }
+        if let Some(key) = instance.key_name() {
+            let found = ec2.describe_key_pairs().key_names(key).send().await;
+            assert!(
+                found.map(|f| f.key_pairs().is_empty()).unwrap_or(true),
+                "key pair {key} left"
+            );
+        }
+    }
+    drop(proxy);
+    ns.cleanup().await
+}
+
+/// Kills the operator at a failpoint, restarts it, and checks the Bake ends with one pod and one
+/// AMI.
+async fn crash_at(failpoint: &str, prefix: &str) -> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, prefix).await?;
+    let template = format!("{}-t", ns.name());
+    apply_template(&client, &rig_template(&template, "")).await?;
+    let watch = PodWatch::start(ns.api());
+    let mut crashing = Operator::start_with(rig, ns.name(), &[], &[("BAKER_FAILPOINTS", failpoint)]).await?;
+    create_bake(&ns, &bake_yaml("crash", &template, prefix, "1.0.0", "hvm")).await?;
+    let code = crashing.wait_exit(Duration::from_secs(120)).await?;
+    assert_eq!(code, Some(86), "the operator stopped at failpoint {failpoint}");
+
+    let _operator = Operator::start(rig, ns.name()).await?;
+    let bake = wait_for_phase(&ns.api::<Bake>(), "crash", BakePhase::Succeeded, BAKE_TIMEOUT).await?;
+    let tagged = images_tagged(&rig.ec2(), keys::BAKE_UID, &bake.uid().unwrap_or_default()).await?;
+    assert_eq!(tagged.len(), 1, "one AMI after a crash at {failpoint}");
+    assert_eq!(watch.order().len(), 1, "one pod after a crash at {failpoint}");
+    ns.cleanup().await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_crash_after_recording_the_launch_but_before_creating_the_pod_bakes_once() -> Result<()> {
+    crash_at(baker::failpoint::LAUNCH_RECORDED, "crash-launch").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_crash_after_the_pod_ended_but_before_the_final_status_bakes_once() -> Result<()> {
+    crash_at(baker::failpoint::BEFORE_FINAL_STATUS, "crash-final").await
+}
