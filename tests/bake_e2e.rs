@@ -119,7 +119,7 @@ async fn bake_succeeds_with_an_ami_tagged_with_its_uid_service_and_version() -> 
         "packer's output names the AMI: {}",
         logs.stdout
     );
-    ns.cleanup().await
+    finish(ns).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -158,7 +158,7 @@ async fn bake_from_a_missing_source_image_fails_with_packers_error_and_no_ami() 
         .find(|c| c.type_ == "Stalled")
         .map(|c| c.status.clone());
     assert_eq!(stalled.as_deref(), Some("True"));
-    ns.cleanup().await
+    finish(ns).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -215,7 +215,7 @@ async fn operator_killed_while_packer_runs_ends_with_one_pod_and_one_ami() -> Re
     assert_eq!(seen, 1, "one bake pod ever existed");
     watch.abort();
     drop(proxy);
-    ns.cleanup().await
+    finish(ns).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -262,5 +262,5 @@ async fn bad_manifests_are_refused_at_admission_naming_the_field() -> Result<()>
         .await?;
     assert!(!out.success(), "a spec edit was accepted");
     assert!(out.stderr.contains("spec is immutable"), "{}", out.stderr);
-    ns.cleanup().await
+    finish(ns).await
 }

@@ -146,7 +146,7 @@ async fn identical_bakes_share_one_packer_run_and_rebake_makes_a_second_ami() ->
     assert_eq!(ready_reason(&third).as_deref(), Some("Succeeded"));
     let with_key = images_tagged(&rig.ec2(), keys::BAKE_KEY, &key).await?;
     assert_eq!(with_key.len(), 2, "two AMIs carry the key: {with_key:?}");
-    ns.cleanup().await
+    finish(ns).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -199,7 +199,7 @@ async fn with_a_cap_of_two_six_bakes_never_run_more_than_two_pods_and_start_in_c
     );
     assert_eq!(watch.max_active(), 2, "the cap was used");
     drop(proxy);
-    ns.cleanup().await
+    finish(ns).await
 }
 
 /// No process on this machine runs for the Bake (its pod's environment names it).
@@ -241,7 +241,7 @@ async fn bake_over_its_timeout_fails_with_reason_timeout_and_leaves_no_process()
     );
     no_process_for(&format!("{}/late", ns.name()))?;
     drop(proxy);
-    ns.cleanup().await
+    finish(ns).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -274,7 +274,7 @@ async fn bake_timing_out_after_its_image_exists_adopts_the_image() -> Result<()>
         tagged.first().cloned()
     );
     drop(proxy);
-    ns.cleanup().await
+    finish(ns).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -355,7 +355,7 @@ async fn deleting_a_running_bake_stops_its_pod_and_leaves_nothing_in_ec2() -> Re
         }
     }
     drop(proxy);
-    ns.cleanup().await
+    finish(ns).await
 }
 
 /// Kills the operator at a failpoint, restarts it, and checks the Bake ends with one pod and one
@@ -377,7 +377,7 @@ async fn crash_at(failpoint: &str, prefix: &str) -> Result<()> {
     let tagged = images_tagged(&rig.ec2(), keys::BAKE_UID, &bake.uid().unwrap_or_default()).await?;
     assert_eq!(tagged.len(), 1, "one AMI after a crash at {failpoint}");
     assert_eq!(watch.order().len(), 1, "one pod after a crash at {failpoint}");
-    ns.cleanup().await
+    finish(ns).await
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -8,6 +8,8 @@ use serde::{Deserialize, Serialize};
 /// BakeTemplate. The operator runs `packer build` in a pod and writes the phase and the resulting
 /// AMI id to the status. The spec cannot be changed after creation: to bake again, create a new
 /// Bake.
+// Repeated `type_ = ...` arguments of distinct `printcolumn`s are not duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "baker.io",

@@ -9,6 +9,8 @@ use serde::{Deserialize, Serialize};
 
 /// A mirror of recent AMIs that match a query: the newest images of one service, a base image
 /// family, or a public image family. Bakes can start from the latest image of a catalog.
+// Repeated `type_ = ...` arguments of distinct `printcolumn`s are not duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "baker.io",

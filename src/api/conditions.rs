@@ -172,7 +172,7 @@ mod tests {
             last_transition_time: t(5),
         };
         let out = merge(
-            &[foreign.clone()],
+            std::slice::from_ref(&foreign),
             &[
                 Desired::new(STALLED, false, "A", ""),
                 Desired::new(READY, true, "B", ""),

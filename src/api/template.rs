@@ -16,6 +16,8 @@ pub const DEFAULT_AMI_NAME: &str = "{service}-{version}-{virtualizationType}-{ti
 /// builder, the region, the source image, the provisioning steps and how the AMI is named and
 /// tagged. A Bake's service, version and virtualization type reach the provisioning steps only as
 /// the environment variables `BAKE_SERVICE`, `BAKE_VERSION` and `BAKE_VIRTUALIZATION_TYPE`.
+// Repeated `type_ = ...` arguments of distinct `printcolumn`s are not duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "baker.io",

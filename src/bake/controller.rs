@@ -178,9 +178,9 @@ fn requeue_for(reason: Reason) -> Action {
     match reason {
         Reason::TemplateNotFound | Reason::SourceImageNotFound => Action::requeue(Duration::from_secs(60)),
         Reason::Ec2Unavailable => Action::requeue(Duration::from_secs(20)),
-        Reason::AwaitingImage | Reason::Queued | Reason::WaitingForIdenticalBake => {
-            Action::requeue(Duration::from_secs(2))
-        }
+        Reason::AwaitingImage => Action::requeue(Duration::from_secs(2)),
+        // Woken when another Bake ends; this is the safety net.
+        Reason::Queued | Reason::WaitingForIdenticalBake => Action::requeue(Duration::from_secs(15)),
         r if r.phase().is_terminal() => Action::await_change(),
         // The pod watch wakes us on progress; this is only a safety net.
         _ => Action::requeue(Duration::from_secs(300)),
@@ -718,10 +718,25 @@ pub async fn run(ctx: Arc<Context>) {
     };
     let templates: Api<BakeTemplate> = Api::all(client.clone());
     let managed = format!("{}={}", keys::MANAGED_BY, keys::MANAGED_BY_VALUE);
-    let controller = Controller::new(bakes, watcher::Config::default().any_semantic());
+    let controller = Controller::new(bakes.clone(), watcher::Config::default().any_semantic());
     let store = controller.store();
+    let queue_store = controller.store();
     controller
         .owns(pods, watcher::Config::default().labels(&managed))
+        // A Bake that ends frees a slot, or an image: the Bakes waiting for it look again at once.
+        .watches(
+            bakes,
+            watcher::Config::default().any_semantic(),
+            move |bake: Bake| {
+                if !bake.phase().is_some_and(|p| p.is_terminal()) {
+                    return Vec::new();
+                }
+                queue::wake_on_end(&bake, &queue_store.state())
+                    .into_iter()
+                    .map(|b| ObjectRef::from_obj(&*b))
+                    .collect::<Vec<_>>()
+            },
+        )
         // A Bake waiting for its template starts as soon as the template appears.
         .watches(templates, watcher::Config::default(), move |template| {
             let name = template.name_any();

@@ -45,7 +45,7 @@ impl BakeView {
         }
     }
 
-    fn order(&self) -> (i64, &str, &str) {
+    pub fn order(&self) -> (i64, &str, &str) {
         (self.created, &self.namespace, &self.name)
     }
 
@@ -157,6 +157,33 @@ pub fn decide(me: &BakeView, key: &str, rebake: bool, all: &[BakeView], limits: 
         };
     }
     Decision::Launch
+}
+
+/// How many queued Bakes to wake when one ends: the oldest first, a few in case one of them is
+/// held back by its namespace's limit.
+const WAKE_QUEUED: usize = 3;
+
+/// The Bakes to look at again when `ended` reached a terminal phase: those waiting for an
+/// identical image (they can reuse it now) and the oldest few queued for a slot.
+pub fn wake_on_end<B: std::ops::Deref<Target = Bake> + Clone>(ended: &Bake, all: &[B]) -> Vec<B> {
+    let key = ended.labels().get(keys::BAKE_KEY);
+    let queued: Vec<&B> = all
+        .iter()
+        .filter(|b| b.phase() == Some(BakePhase::Queued))
+        .collect();
+    let mut wake: Vec<B> = queued
+        .iter()
+        .filter(|b| key.is_some() && b.labels().get(keys::BAKE_KEY) == key)
+        .map(|b| (*b).clone())
+        .collect();
+    let mut by_age: Vec<(BakeView, &B)> = queued.iter().map(|b| (BakeView::from_bake(b), *b)).collect();
+    by_age.sort_by(|(a, _), (b, _)| a.order().cmp(&b.order()));
+    for (_, b) in by_age.into_iter().take(WAKE_QUEUED) {
+        if !wake.iter().any(|w| w.uid() == b.uid()) {
+            wake.push((*b).clone());
+        }
+    }
+    wake
 }
 
 #[cfg(test)]
@@ -321,5 +348,46 @@ mod tests {
             decide(&older, "k", false, &[older.clone(), me], TWO),
             Decision::Launch
         );
+    }
+
+    fn bake(name: &str, created: i64, phase: Option<BakePhase>, key: &str) -> std::sync::Arc<Bake> {
+        use crate::api::{BakeSpec, BakeStatus, VirtualizationType};
+        let mut b = Bake::new(
+            name,
+            BakeSpec {
+                template: "t".into(),
+                service: "s".into(),
+                version: "1".into(),
+                virtualization_type: VirtualizationType::Hvm,
+                rebake: false,
+                deregister_image_on_delete: false,
+            },
+        );
+        b.metadata.uid = Some(name.into());
+        b.metadata.namespace = Some("ns".into());
+        b.metadata.labels = Some([(keys::BAKE_KEY.to_string(), key.to_string())].into());
+        b.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            jiff::Timestamp::from_second(created).unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+        ));
+        b.status = Some(BakeStatus {
+            phase,
+            ..Default::default()
+        });
+        std::sync::Arc::new(b)
+    }
+
+    #[test]
+    fn an_ended_bake_wakes_its_identical_waiters_and_the_oldest_queued() {
+        let ended = bake("done", 0, Some(BakePhase::Succeeded), "k");
+        let all = vec![
+            bake("same-key", 9, Some(BakePhase::Queued), "k"),
+            bake("q4", 4, Some(BakePhase::Queued), "x4"),
+            bake("q1", 1, Some(BakePhase::Queued), "x1"),
+            bake("q3", 3, Some(BakePhase::Queued), "x3"),
+            bake("q2", 2, Some(BakePhase::Queued), "x2"),
+            bake("running", 0, Some(BakePhase::Running), "x0"),
+        ];
+        let woken: Vec<String> = wake_on_end(&ended, &all).iter().map(|b| b.name_any()).collect();
+        assert_eq!(woken, ["same-key", "q1", "q2", "q3"]);
     }
 }

@@ -322,6 +322,49 @@ pub fn ready_reason(bake: &Bake) -> Option<String> {
         .map(|c| c.reason.clone())
 }
 
+/// Ends a test's namespace: deletes its Bakes while the test's operator still runs (so their
+/// cleanup finalizers are honoured), then the namespace. Call it before the operator is dropped.
+pub async fn finish(ns: TestNamespace) -> Result<()> {
+    let bakes = ns.api::<Bake>();
+    bakes
+        .delete_collection(&Default::default(), &Default::default())
+        .await?;
+    let gone = try_wait_until(
+        Duration::from_secs(60),
+        "the test's Bakes to be deleted",
+        || async {
+            Ok(bakes
+                .list(&Default::default())
+                .await?
+                .items
+                .is_empty()
+                .then_some(()))
+        },
+    )
+    .await;
+    if gone.is_err() {
+        release_bakes(&bakes).await?;
+    }
+    ns.cleanup().await
+}
+
+/// Removes Baker's finalizer from every Bake being deleted that the API can see: for leftovers of
+/// tests whose operator is gone, which would otherwise keep their namespace terminating forever.
+pub async fn release_bakes(bakes: &Api<Bake>) -> Result<()> {
+    for bake in bakes.list(&Default::default()).await?.items {
+        if bake.finalizers().is_empty() || bake.metadata.deletion_timestamp.is_none() {
+            continue;
+        }
+        let api: Api<Bake> =
+            Api::namespaced(bakes.clone().into_client(), &bake.namespace().unwrap_or_default());
+        let patch = serde_json::json!({ "metadata": { "finalizers": null } });
+        let _ = api
+            .patch(&bake.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+            .await;
+    }
+    Ok(())
+}
+
 /// Sets up a namespace with the credentials Secret, after installing the CRDs.
 pub async fn namespace(rig: &Rig, client: &Client, prefix: &str) -> Result<TestNamespace> {
     install_crds(rig).await?;

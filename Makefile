@@ -1,0 +1,42 @@
+# Baker's developer entry points. `make` alone lists them.
+SHELL := bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+RIG := tests/rig/rig.sh
+
+.PHONY: help rig-up rig-down rig-status test lint fmt-check clippy fmt crds demo demo-down
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  %-12s %s\n", $$1, $$2 }'
+
+rig-up: ## start the local rig on 127.0.0.1 (builds the control plane once per machine); state in target/rig
+	$(RIG) up
+
+rig-down: ## stop exactly what rig-up started and remove its state
+	$(RIG) down
+
+rig-status: ## show the rig's processes and ports
+	$(RIG) status
+
+test: ## all tests against the rig (brought up, and down at the end, if it was not up); CARGO_TEST_ARGS passes through
+	tests/rig/run-tests.sh
+
+lint: fmt-check clippy ## rustfmt check and clippy with warnings as errors (`make -k lint` runs both even if one fails)
+
+fmt-check: ## check formatting
+	cargo fmt --all --check
+
+clippy: ## clippy on every target, warnings as errors
+	cargo clippy --workspace --all-targets -- -D warnings
+
+fmt: ## format the code
+	cargo fmt --all
+
+crds: ## regenerate the CRD manifests in crds/
+	cargo run --quiet --bin baker -- crd --dir crds
+
+demo: ## run the demo on the rig
+	tests/rig/demo.sh
+
+demo-down: ## stop the demo
+	tests/rig/demo.sh down

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# `make test`: every test against the rig. If no rig was running, it brings one up and takes it
+# down at the end, even when tests fail, then checks that nothing of it survived. A rig that was
+# already running stays up (a half-dead one is repaired first). Exits with the tests' status, or
+# with the rig checks' if the tests passed.
+#
+# Env: BAKER_RIG_DIR (state dir), CARGO_TEST_ARGS (extra arguments for `cargo test`).
+set -uo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/../.." && pwd)
+state=$(realpath -m "${BAKER_RIG_DIR:-$root/target/rig}")
+export BAKER_RIG_DIR=$state
+rig=$here/rig.sh
+log() { printf '[make test] %s\n' "$*" >&2; }
+
+"$rig" status >/dev/null 2>&1
+case $? in
+0) started=0; log "using the rig already running in $state" ;;
+3) started=1; log "no rig in $state: bringing one up; it is taken down at the end" ;;
+*) started=0; log "the rig in $state is half up: repairing it" ;;
+esac
+
+teardown() {
+	# Logs outlive the state dir, for looking at after a failure.
+	rm -rf "$root/target/rig-logs"
+	[ -d "$state/logs" ] && mkdir -p "$root/target" && cp -r "$state/logs" "$root/target/rig-logs"
+	local snap
+	snap=$(mktemp -d "${TMPDIR:-/tmp}/baker-rig-snapshot.XXXXXX")
+	cp -r "$state/pids" "$state/ports" "$snap/" 2>/dev/null || true
+	local rc=0
+	"$rig" down || rc=1
+	"$here/check-down.sh" "$state" "$snap" || rc=1
+	rm -rf "$snap"
+	log "rig logs kept in target/rig-logs"
+	return "$rc"
+}
+
+trap 'log "interrupted"; [ "$started" = 1 ] && teardown; exit 130' INT TERM
+
+start=$SECONDS
+if ! "$rig" up; then
+	log "FAIL: the rig did not come up"
+	[ "$started" = 1 ] && teardown
+	exit 1
+fi
+log "rig ready after $((SECONDS - start))s"
+
+# shellcheck disable=SC1091
+. "$state/env"
+start=$SECONDS
+# shellcheck disable=SC2086
+(cd "$root" && cargo test --workspace ${CARGO_TEST_ARGS:-})
+tests_rc=$?
+log "cargo test exited $tests_rc after $((SECONDS - start))s"
+
+checks_rc=0
+"$here/second-rig.sh" "$state" || checks_rc=1
+if [ "$started" = 1 ]; then
+	teardown || checks_rc=1
+fi
+
+if [ "$tests_rc" != 0 ]; then
+	exit "$tests_rc"
+fi
+if [ "$checks_rc" != 0 ]; then
+	log "FAIL: the rig's own checks failed (see above)"
+	exit 1
+fi
+log "all passed"
