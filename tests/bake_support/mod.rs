@@ -345,6 +345,13 @@ pub async fn finish(ns: TestNamespace) -> Result<()> {
     if gone.is_err() {
         release_bakes(&bakes).await?;
     }
+    // The test's BakeTemplates are cluster-scoped and named after its namespace.
+    let templates: Api<BakeTemplate> = Api::all(bakes.into_client());
+    for t in templates.list(&Default::default()).await?.items {
+        if t.name_any().starts_with(&format!("{}-", ns.name())) {
+            templates.delete(&t.name_any(), &Default::default()).await.ok();
+        }
+    }
     ns.cleanup().await
 }
 
