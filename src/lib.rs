@@ -11,4 +11,6 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod failpoint;
+#[cfg(test)]
+mod fixtures;
 pub mod packer;

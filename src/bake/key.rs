@@ -50,40 +50,17 @@ pub fn bake_key(input: &RenderInput<'_>, packer_image: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::template::{BakeTemplateSpec, Builder, SourceImage};
-    use crate::api::{BakeSpec, VirtualizationType};
+    use crate::api::BakeSpec;
+    use crate::api::template::{BakeTemplateSpec, Builder};
+    use crate::fixtures;
     use crate::packer::ResolvedSource;
 
     fn spec(version: &str) -> BakeSpec {
-        BakeSpec {
-            template: "t".into(),
-            service: "svc".into(),
-            version: version.into(),
-            virtualization_type: VirtualizationType::Hvm,
-            rebake: false,
-            deregister_image_on_delete: false,
-        }
+        fixtures::bake_spec(version)
     }
 
     fn template() -> BakeTemplateSpec {
-        BakeTemplateSpec {
-            builder: Builder::AmazonEbs,
-            region: "eu-west-1".into(),
-            source: SourceImage {
-                ami_id: Some("ami-0123456789abcdef0".into()),
-                filter: None,
-            },
-            instance_type: None,
-            communicator: None,
-            ssh_username: None,
-            provisioners: vec![],
-            ami_name: None,
-            ami_description: None,
-            tags: Default::default(),
-            timeout_seconds: None,
-            ec2_endpoint: None,
-            packer_image: None,
-        }
+        fixtures::template(Builder::AmazonEbs)
     }
 
     fn key(spec: &BakeSpec, t: &BakeTemplateSpec, who: &str, source: &str, image: &str) -> String {

@@ -222,26 +222,11 @@ pub fn bake_pod(input: &PodInput<'_>) -> Pod {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::template::SourceImage;
 
     fn template(builder: Builder) -> BakeTemplateSpec {
         BakeTemplateSpec {
-            builder,
-            region: "eu-west-1".into(),
-            source: SourceImage {
-                ami_id: Some("ami-0123456789abcdef0".into()),
-                filter: None,
-            },
-            instance_type: None,
-            communicator: None,
-            ssh_username: None,
-            provisioners: vec![],
-            ami_name: None,
-            ami_description: None,
-            tags: BTreeMap::new(),
             timeout_seconds: Some(900),
-            ec2_endpoint: None,
-            packer_image: None,
+            ..crate::fixtures::template(builder)
         }
     }
 

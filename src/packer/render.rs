@@ -301,42 +301,21 @@ pub fn render_string(input: &RenderInput<'_>) -> Result<String, RenderError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::VirtualizationType;
     use crate::api::template::{Provisioner, SourceImage};
+    use crate::fixtures;
 
-    pub(crate) fn ebs_template() -> BakeTemplateSpec {
-        BakeTemplateSpec {
-            builder: Builder::AmazonEbs,
-            region: "eu-west-1".into(),
-            source: SourceImage {
-                ami_id: Some("ami-0123456789abcdef0".into()),
-                filter: None,
-            },
-            instance_type: None,
-            communicator: None,
-            ssh_username: None,
-            provisioners: vec![Provisioner {
-                name: Some("install the service".into()),
-                shell: vec!["sudo yum install -y \"$BAKE_SERVICE-$BAKE_VERSION\"".into()],
-            }],
-            ami_name: None,
-            ami_description: None,
-            tags: BTreeMap::from([("team".to_string(), "platform".to_string())]),
-            timeout_seconds: None,
-            ec2_endpoint: None,
-            packer_image: None,
-        }
+    fn ebs_template() -> BakeTemplateSpec {
+        let mut t = fixtures::template(Builder::AmazonEbs);
+        t.provisioners = vec![Provisioner {
+            name: Some("install the service".into()),
+            shell: vec!["sudo yum install -y \"$BAKE_SERVICE-$BAKE_VERSION\"".into()],
+        }];
+        t.tags = BTreeMap::from([("team".to_string(), "platform".to_string())]);
+        t
     }
 
     fn bake() -> BakeSpec {
-        BakeSpec {
-            template: "ebs-example".into(),
-            service: "simple-service".into(),
-            version: "1.0.4".into(),
-            virtualization_type: VirtualizationType::Hvm,
-            rebake: false,
-            deregister_image_on_delete: false,
-        }
+        fixtures::bake_spec("1.0.4")
     }
 
     fn identity() -> BakeIdentity {
