@@ -358,6 +358,121 @@ async fn deleting_a_running_bake_stops_its_pod_and_leaves_nothing_in_ec2() -> Re
     finish(ns).await
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bake_pod_deleted_by_someone_else_fails_the_bake_with_a_clear_message() -> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "poddel").await?;
+    let proxy = SlowProxy::start(
+        rig.ec2_endpoint(),
+        Delay::On("CreateImage", Duration::from_secs(120)),
+    )
+    .await?;
+    let template = format!("{}-t", ns.name());
+    apply_template(
+        &client,
+        &rig_template(&template, &format!("  ec2Endpoint: {}", proxy.url)),
+    )
+    .await?;
+    let _operator = Operator::start_with(rig, ns.name(), &["--bake-grace-seconds", "2"], &[]).await?;
+
+    create_bake(&ns, &bake_yaml("orphan", &template, "orphan", "1.0.0", "hvm")).await?;
+    let bakes = ns.api::<Bake>();
+    wait_for_phase(&bakes, "orphan", BakePhase::Running, BAKE_TIMEOUT).await?;
+    ns.api::<Pod>()
+        .delete("bake-orphan", &DeleteParams::default())
+        .await?;
+    let bake = wait_for_phase(&bakes, "orphan", BakePhase::Failed, BAKE_TIMEOUT).await?;
+    assert_eq!(
+        ready_reason(&bake).as_deref(),
+        Some("PodDeleted"),
+        "{:?}",
+        bake.status
+    );
+    let message = bake
+        .status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default();
+    assert!(
+        message.contains("was deleted before the bake finished"),
+        "{message}"
+    );
+    drop(proxy);
+    finish(ns).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deleted_bake_is_released_when_ec2_stays_unreachable_with_an_event_naming_the_leak() -> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "leak").await?;
+    // Packer is stalled at CreateImage; the operator's own EC2 endpoint can be taken down.
+    let packer_ec2 = SlowProxy::start(
+        rig.ec2_endpoint(),
+        Delay::On("CreateImage", Duration::from_secs(120)),
+    )
+    .await?;
+    let operator_ec2 = SlowProxy::start(rig.ec2_endpoint(), Delay::All(Duration::ZERO)).await?;
+    let template = format!("{}-t", ns.name());
+    apply_template(
+        &client,
+        &rig_template(&template, &format!("  ec2Endpoint: {}", packer_ec2.url)),
+    )
+    .await?;
+    let _operator = Operator::start_with(
+        rig,
+        ns.name(),
+        &["--bake-grace-seconds", "2", "--cleanup-timeout-seconds", "5"],
+        &[("AWS_ENDPOINT_URL_EC2", operator_ec2.url.as_str())],
+    )
+    .await?;
+
+    create_bake(&ns, &bake_yaml("stranded", &template, "stranded", "1.0.0", "hvm")).await?;
+    let bakes = ns.api::<Bake>();
+    wait_for_phase(&bakes, "stranded", BakePhase::Running, BAKE_TIMEOUT).await?;
+    operator_ec2.set_down(true);
+    bakes.delete("stranded", &DeleteParams::default()).await?;
+    wait_deleted(&bakes, "stranded", Duration::from_secs(120)).await?;
+    let events = rig
+        .kubectl([
+            "-n",
+            ns.name(),
+            "get",
+            "events",
+            "--field-selector",
+            "reason=CleanupIncomplete",
+            "-o",
+            "name",
+        ])
+        .await?
+        .ok()?;
+    assert!(
+        !events.stdout.trim().is_empty(),
+        "a CleanupIncomplete Event was recorded"
+    );
+    let note = rig
+        .kubectl([
+            "-n",
+            ns.name(),
+            "get",
+            "events",
+            "--field-selector",
+            "reason=CleanupIncomplete",
+            "-o",
+            "jsonpath={.items[0].message}",
+        ])
+        .await?
+        .ok()?;
+    assert!(
+        note.stdout.contains("may have leaked") && note.stdout.contains(keys::BAKE_UID),
+        "{}",
+        note.stdout
+    );
+    drop((packer_ec2, operator_ec2));
+    finish(ns).await
+}
+
 /// Kills the operator at a failpoint, restarts it, and checks the Bake ends with one pod and one
 /// AMI.
 async fn crash_at(failpoint: &str, prefix: &str) -> Result<()> {

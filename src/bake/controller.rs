@@ -168,7 +168,7 @@ async fn apply(bake: &Bake, ctx: &Context) -> Result<Action> {
     match pod {
         Some(p) if seen_uid.is_none() || seen_uid == p.uid() => observe_pod(&b, ctx, &p).await,
         // Seen once, gone (or replaced) now: never run packer twice for one Bake.
-        _ if seen_uid.is_some() => pod_vanished(&b, ctx).await,
+        _ if seen_uid.is_some() => pod_vanished(&b, ctx, None).await,
         _ => launch(&b, ctx).await,
     }
 }
@@ -458,7 +458,12 @@ where
 async fn observe_pod(b: &BakeRef<'_>, ctx: &Context, pod: &Pod) -> Result<Action> {
     let name = pod.name_any();
     let pod_uid = pod.uid();
-    let transition = match status::pod_outcome(pod) {
+    let outcome = status::pod_outcome(pod);
+    // Someone deleted the pod (the Bake itself is not being deleted): packer was stopped.
+    if pod.metadata.deletion_timestamp.is_some() && !matches!(outcome, PodOutcome::Succeeded { .. }) {
+        return pod_vanished(b, ctx, pod_uid).await;
+    }
+    let transition = match outcome {
         PodOutcome::Pending => Transition::new(
             Reason::PodPending,
             format!("waiting for bake pod {name} to start"),
@@ -615,7 +620,7 @@ async fn confirm_image(
     }
 }
 
-async fn pod_vanished(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
+async fn pod_vanished(b: &BakeRef<'_>, ctx: &Context, pod_uid: Option<String>) -> Result<Action> {
     let pod_name = b.status().and_then(|s| s.pod_name.clone()).unwrap_or_default();
     let t = match adoptable_image(b, ctx).await? {
         Some(ami) => Transition::new(
@@ -630,7 +635,7 @@ async fn pod_vanished(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
             ),
         ),
     };
-    finish(b, ctx, t, None).await
+    finish(b, ctx, t, pod_uid).await
 }
 
 /// Applies a transition: writes status if it changed, and an Event if the phase or reason did.

@@ -88,7 +88,6 @@ impl Operator {
             .stdout(out)
             .stderr(err)
             .args(args)
-            .envs(env.iter().copied())
             .kill_on_drop(true);
         for key in [
             "KUBECONFIG",
@@ -100,6 +99,8 @@ impl Operator {
         ] {
             cmd.env(key, rig.var(key));
         }
+        // The test's own settings win over the rig's.
+        cmd.envs(env.iter().copied());
         let child = cmd.spawn().context("starting baker run")?;
         Ok(Operator {
             child: Some(child),
@@ -236,6 +237,7 @@ pub enum Delay {
 pub struct SlowProxy {
     pub url: String,
     task: tokio::task::JoinHandle<()>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 fn mentions(chunk: &[u8], action: &str) -> bool {
@@ -252,11 +254,19 @@ impl SlowProxy {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let tripped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let is_down = down.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                // An endpoint that is down: the connection is dropped at once.
+                if is_down.load(std::sync::atomic::Ordering::SeqCst) {
+                    drop(client);
+                    continue;
+                }
                 let upstream = upstream.clone();
                 let delay = delay.clone();
                 let tripped = tripped.clone();
+                let conn_down = is_down.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(&upstream).await else {
                         return;
@@ -268,6 +278,7 @@ impl SlowProxy {
                         loop {
                             match cr.read(&mut buf).await {
                                 Ok(0) | Err(_) => break,
+                                Ok(_) if conn_down.load(std::sync::atomic::Ordering::SeqCst) => break,
                                 Ok(n) => {
                                     let chunk = &buf[..n];
                                     let hold = match &delay {
@@ -302,7 +313,12 @@ impl SlowProxy {
                 });
             }
         });
-        Ok(SlowProxy { url, task })
+        Ok(SlowProxy { url, task, down })
+    }
+
+    /// Takes the endpoint down (new connections are dropped) or brings it back.
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
     }
 }
 

@@ -21,6 +21,13 @@ case $? in
 *) started=0; log "the rig in $state is half up: repairing it" ;;
 esac
 
+# The demo's operator watches every namespace and would act on the tests' Bakes too.
+if [ -f "$state/demo/operator.pid" ] && kill -0 "$(cat "$state/demo/operator.pid")" 2>/dev/null; then
+	log "stopping the demo's operator (it would reconcile the tests' Bakes); make demo starts it again"
+	kill "$(cat "$state/demo/operator.pid")" 2>/dev/null || true
+	rm -f "$state/demo/operator.pid"
+fi
+
 teardown() {
 	# Logs outlive the state dir, for looking at after a failure.
 	rm -rf "$root/target/rig-logs"
