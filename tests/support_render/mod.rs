@@ -12,7 +12,7 @@ pub const COMBINATIONS: [(&str, &str); 4] = [
 ];
 
 /// Renders `examples/templates/<template>.yaml` for simple-service 1.0.4 with a fixed source AMI,
-/// through the same code path as `baker template render`.
+/// with `baker template render`.
 pub fn render_example(template: &str, virt: &str) -> String {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let dir = tempfile::tempdir().expect("temp dir");
@@ -24,11 +24,25 @@ pub fn render_example(template: &str, virt: &str) -> String {
         ),
     )
     .expect("write bake");
-    baker::cli::render_from_files(
-        &root.join(format!("examples/templates/{template}.yaml")),
-        &bake,
-        Some("ami-0123456789abcdef0".into()),
-        None,
-    )
-    .expect("example renders")
+    // Through the real command line, as a person would run it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_baker"))
+        .args([
+            "template",
+            "render",
+            "--source-ami",
+            "ami-0123456789abcdef0",
+            "--template",
+        ])
+        .arg(root.join(format!("examples/templates/{template}.yaml")))
+        .arg("--bake")
+        .arg(&bake)
+        .env_remove("AWS_ENDPOINT_URL_EC2")
+        .output()
+        .expect("run baker template render");
+    assert!(
+        out.status.success(),
+        "baker template render failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8 output")
 }
