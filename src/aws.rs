@@ -170,6 +170,16 @@ impl Ec2 {
         Ok(out)
     }
 
+    /// Images of these owners matching server-side filters, every page, newest first.
+    pub async fn images(
+        &self,
+        region: &str,
+        owners: &[String],
+        filters: Vec<Filter>,
+    ) -> Result<Vec<ImageSummary>, Ec2Error> {
+        self.describe(region, owners, filters).await
+    }
+
     /// The newest available image matching a template's source filter, if any.
     pub async fn resolve_source(
         &self,

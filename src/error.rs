@@ -26,6 +26,9 @@ pub enum Error {
     #[error("labelling the Bake failed: {0}")]
     PatchMetadata(#[source] kube::Error),
 
+    #[error("writing AmiCatalog status failed: {0}")]
+    PatchCatalogStatus(#[source] kube::Error),
+
     #[error("listing Bakes failed: {0}")]
     ListBakes(#[source] kube::Error),
 
@@ -46,6 +49,7 @@ impl Error {
             | Error::CreatePod(_)
             | Error::PatchStatus(_)
             | Error::PatchMetadata(_)
+            | Error::PatchCatalogStatus(_)
             | Error::DeletePod(_) => "kube_write",
             Error::Ec2(_) => "ec2",
         }

@@ -98,7 +98,10 @@ impl Operator {
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
         ] {
-            cmd.env(key, rig.var(key));
+            // An entry of `env` (e.g. a proxy in front of EC2) wins over the rig's value.
+            if !env.iter().any(|(k, _)| *k == key) {
+                cmd.env(key, rig.var(key));
+            }
         }
         let child = cmd.spawn().context("starting baker run")?;
         Ok(Operator {

@@ -1,0 +1,461 @@
+//! AmiCatalog end to end on the rig: the operator lists images from moto through a proxy that
+//! counts EC2 calls and can be switched off. Each test has its own namespace, operator process and
+//! images whose names and tags carry a suffix of their own, so parallel tests never see each
+//! other's images.
+
+mod bake_support;
+mod support;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use aws_sdk_ec2::types::{Filter, Tag};
+use bake_support::*;
+use baker::api::catalog::AmiCatalogStatus;
+use baker::api::{AmiCatalog, Bake, BakePhase, keys};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, ResourceExt};
+use support::{random_suffix, rig, try_wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+/// A TCP proxy on 127.0.0.1 in front of the rig's EC2 endpoint that counts the EC2 actions sent
+/// through it, and can be switched off (connections refused) and on again on the same port.
+struct CountingProxy {
+    addr: std::net::SocketAddr,
+    upstream: String,
+    counts: Arc<Mutex<HashMap<String, usize>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The actions named in a chunk of AWS query-protocol requests (`Action=DescribeImages&...`).
+fn actions(chunk: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(chunk);
+    text.split("Action=")
+        .skip(1)
+        .filter_map(|rest| {
+            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+            (!name.is_empty()).then_some(name)
+        })
+        .collect()
+}
+
+impl CountingProxy {
+    async fn start(upstream: &str) -> Result<CountingProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let mut proxy = CountingProxy {
+            addr: listener.local_addr()?,
+            upstream: upstream
+                .trim_start_matches("http://")
+                .trim_end_matches('/')
+                .to_string(),
+            counts: Arc::default(),
+            task: None,
+        };
+        proxy.serve(listener);
+        Ok(proxy)
+    }
+
+    fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let upstream = self.upstream.clone();
+        let counts = self.counts.clone();
+        self.task = Some(tokio::spawn(async move {
+            // Connections live in this set, so switching off also cuts kept-alive connections.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let upstream = upstream.clone();
+                let counts = counts.clone();
+                connections.spawn(async move {
+                    let Ok(server) = TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = async move {
+                        let mut buf = vec![0u8; 64 * 1024];
+                        while let Ok(n) = cr.read(&mut buf).await {
+                            if n == 0 {
+                                break;
+                            }
+                            for action in actions(&buf[..n]) {
+                                let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+                                *counts.entry(action).or_default() += 1;
+                            }
+                            if sw.write_all(&buf[..n]).await.is_err() {
+                                break;
+                            }
+                        }
+                        let _ = sw.shutdown().await;
+                    };
+                    let down = async move {
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        let _ = cw.shutdown().await;
+                    };
+                    tokio::join!(up, down);
+                });
+            }
+        }));
+    }
+
+    /// Stops listening and cuts open connections: EC2 is down.
+    fn switch_off(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Listens again on the same port.
+    async fn switch_on(&mut self) -> Result<()> {
+        let listener = try_wait_until(Duration::from_secs(10), "the proxy's port to be free", || async {
+            Ok(Some(TcpListener::bind(self.addr).await?))
+        })
+        .await?;
+        self.serve(listener);
+        Ok(())
+    }
+
+    fn count(&self, action: &str) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.get(action).copied().unwrap_or_default()
+    }
+
+    fn total(&self) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.values().sum()
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.switch_off();
+    }
+}
+
+/// Registers `count` images named `<prefix>-<i>` in moto and tags them all at once.
+async fn register_images(
+    ec2: &aws_sdk_ec2::Client,
+    prefix: &str,
+    count: usize,
+    tags: &[(&str, &str)],
+) -> Result<Vec<String>> {
+    let mut ids = Vec::with_capacity(count);
+    for i in 0..count {
+        let out = ec2
+            .register_image()
+            .name(format!("{prefix}-{i:03}"))
+            .root_device_name("/dev/xvda")
+            .send()
+            .await
+            .with_context(|| format!("registering {prefix}-{i:03}"))?;
+        ids.push(out.image_id().unwrap_or_default().to_string());
+    }
+    let mut request = ec2.create_tags().set_resources(Some(ids.clone()));
+    for (k, v) in tags {
+        request = request.tags(Tag::builder().key(*k).value(*v).build());
+    }
+    request.send().await.context("tagging images")?;
+    Ok(ids)
+}
+
+/// Image ids of this account matching one filter, newest first by the operator's own rule
+/// (creation date, then id: moto's dates have one-second resolution).
+async fn expected_newest(ec2: &aws_sdk_ec2::Client, filter: Filter, limit: usize) -> Result<Vec<String>> {
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(filter)
+        .send()
+        .await?;
+    let mut images: Vec<_> = out.images().iter().map(baker::aws::ImageSummary::from).collect();
+    baker::aws::sort_newest_first(&mut images);
+    Ok(images.into_iter().take(limit).map(|i| i.image_id).collect())
+}
+
+async fn apply_catalog(api: &Api<AmiCatalog>, yaml: &str) -> Result<AmiCatalog> {
+    let catalog: AmiCatalog = serde_yaml::from_str(yaml)?;
+    Ok(api
+        .patch(
+            &catalog.name_any(),
+            &PatchParams::apply("baker-tests").force(),
+            &Patch::Apply(&catalog),
+        )
+        .await?)
+}
+
+fn ready(status: &AmiCatalogStatus) -> Option<(String, String)> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| (c.status.clone(), c.reason.clone()))
+}
+
+/// Waits until the catalog's status satisfies `cond`.
+async fn wait_catalog(
+    api: &Api<AmiCatalog>,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    cond: impl Fn(&AmiCatalogStatus) -> bool,
+) -> Result<AmiCatalog> {
+    try_wait_until(timeout, what, || async {
+        Ok(api
+            .get_opt(name)
+            .await?
+            .filter(|c| c.status.as_ref().is_some_and(&cond)))
+    })
+    .await
+}
+
+fn ids(status: &AmiCatalogStatus) -> Vec<String> {
+    status.images.iter().map(|i| i.image_id.clone()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn catalogs_list_the_newest_images_of_a_service_or_name_pattern_among_250_with_one_call_per_sync()
+-> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "cat-250").await?;
+    let ec2 = rig.ec2();
+    let sfx = random_suffix();
+    // 250 images of three services, this test's own.
+    let services = [
+        (format!("alpha-{sfx}"), 110),
+        (format!("beta-{sfx}"), 90),
+        (format!("gamma-{sfx}"), 50),
+    ];
+    for (service, count) in &services {
+        register_images(
+            &ec2,
+            &format!("cat-{sfx}-{service}"),
+            *count,
+            &[(keys::SERVICE, service), (keys::VERSION, "1.0.0")],
+        )
+        .await?;
+    }
+    let proxy = CountingProxy::start(rig.ec2_endpoint()).await?;
+    let url = proxy.url();
+    let _operator = Operator::start_with(rig, ns.name(), &[], &[("AWS_ENDPOINT_URL_EC2", &url)]).await?;
+
+    let catalogs = ns.api::<AmiCatalog>();
+    let region = rig.region();
+    let alpha = &services[0].0;
+    let beta = &services[1].0;
+    apply_catalog(
+        &catalogs,
+        &format!(
+            "apiVersion: baker.io/v1alpha1\nkind: AmiCatalog\nmetadata: {{name: alpha}}\nspec:\n  region: {region}\n  service: {alpha}\n  refreshIntervalSeconds: 10\n"
+        ),
+    )
+    .await?;
+    apply_catalog(
+        &catalogs,
+        &format!(
+            "apiVersion: baker.io/v1alpha1\nkind: AmiCatalog\nmetadata: {{name: beta-by-name}}\nspec:\n  region: {region}\n  owners: [self]\n  namePattern: \"cat-{sfx}-{beta}-*\"\n  limit: 100\n"
+        ),
+    )
+    .await?;
+
+    let timeout = Duration::from_secs(60);
+    let a = wait_catalog(
+        &catalogs,
+        "alpha",
+        timeout,
+        "catalog alpha to list 10 images",
+        |s| s.count == Some(10),
+    )
+    .await?;
+    let b = wait_catalog(
+        &catalogs,
+        "beta-by-name",
+        timeout,
+        "catalog beta-by-name to list 90 images",
+        |s| s.count == Some(90),
+    )
+    .await?;
+    let first_syncs = proxy.count("DescribeImages");
+
+    let a_status = a.status.clone().unwrap_or_default();
+    let by_service = Filter::builder()
+        .name(format!("tag:{}", keys::SERVICE))
+        .values(alpha)
+        .build();
+    assert_eq!(ids(&a_status), expected_newest(&ec2, by_service, 10).await?);
+    assert_eq!(
+        a_status.latest.as_ref().map(|l| &l.image_id),
+        a_status.images.first().map(|i| &i.image_id)
+    );
+    assert!(
+        a_status
+            .images
+            .windows(2)
+            .all(|w| w[0].creation_date >= w[1].creation_date),
+        "newest first: {:?}",
+        a_status.images
+    );
+    assert!(
+        a_status
+            .images
+            .iter()
+            .all(|i| i.service.as_deref() == Some(alpha.as_str()))
+    );
+    assert_eq!(ready(&a_status), Some(("True".into(), "Synced".into())));
+    assert_eq!(a_status.observed_generation, a.metadata.generation);
+
+    let b_status = b.status.clone().unwrap_or_default();
+    let by_name = Filter::builder()
+        .name("name")
+        .values(format!("cat-{sfx}-{beta}-*"))
+        .build();
+    assert_eq!(ids(&b_status), expected_newest(&ec2, by_name, 100).await?);
+
+    // One DescribeImages per catalog sync (moto, like EC2, answers 250 images in one page), and
+    // nothing else: the operator's status writes do not make it read EC2 again.
+    assert_eq!(first_syncs, 2, "EC2 calls: {:?}", proxy.counts);
+    assert_eq!(proxy.total(), first_syncs, "EC2 calls: {:?}", proxy.counts);
+
+    // The 10-second catalog syncs again; its images did not change, so its status is not written.
+    let written = a.resource_version();
+    try_wait_until(Duration::from_secs(30), "catalog alpha to sync again", || async {
+        Ok((proxy.count("DescribeImages") > first_syncs).then_some(()))
+    })
+    .await?;
+    let again = catalogs.get("alpha").await?;
+    assert_eq!(
+        again.resource_version(),
+        written,
+        "an unchanged sync wrote status"
+    );
+    eprintln!(
+        "EC2 calls for two catalog syncs over 250 images: {:?}",
+        proxy.counts
+    );
+
+    finish(ns).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn catalog_reports_ec2_down_as_ready_false_and_recovers_by_itself() -> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "cat-down").await?;
+    let ec2 = rig.ec2();
+    let sfx = random_suffix();
+    register_images(&ec2, &format!("cat-{sfx}-down"), 2, &[("baker-test", &sfx)]).await?;
+    let mut proxy = CountingProxy::start(rig.ec2_endpoint()).await?;
+    let url = proxy.url();
+    let _operator = Operator::start_with(rig, ns.name(), &[], &[("AWS_ENDPOINT_URL_EC2", &url)]).await?;
+
+    let catalogs = ns.api::<AmiCatalog>();
+    let region = rig.region();
+    apply_catalog(
+        &catalogs,
+        &format!(
+            "apiVersion: baker.io/v1alpha1\nkind: AmiCatalog\nmetadata: {{name: tagged}}\nspec:\n  region: {region}\n  tags: {{baker-test: \"{sfx}\"}}\n  refreshIntervalSeconds: 10\n"
+        ),
+    )
+    .await?;
+    let timeout = Duration::from_secs(60);
+    wait_catalog(&catalogs, "tagged", timeout, "catalog to list 2 images", |s| {
+        s.count == Some(2) && ready(s).is_some_and(|(st, _)| st == "True")
+    })
+    .await?;
+
+    proxy.switch_off();
+    let down = wait_catalog(
+        &catalogs,
+        "tagged",
+        timeout,
+        "Ready=False while EC2 is down",
+        |s| ready(s).is_some_and(|(st, _)| st == "False"),
+    )
+    .await?;
+    let status = down.status.clone().unwrap_or_default();
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .cloned()
+        .context("a Ready condition")?;
+    assert_eq!(condition.reason, "Unreachable", "{condition:?}");
+    assert!(condition.message.contains("DescribeImages"), "{condition:?}");
+    // What was listed stays listed while EC2 cannot be read.
+    assert_eq!(status.count, Some(2));
+
+    proxy.switch_on().await?;
+    wait_catalog(&catalogs, "tagged", timeout, "Ready=True once EC2 is back", |s| {
+        ready(s).is_some_and(|(st, _)| st == "True") && s.count == Some(2)
+    })
+    .await?;
+
+    finish(ns).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_succeeded_bake_appears_in_its_catalog_within_seconds() -> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "cat-bake").await?;
+    let template = format!("{}-ebs", ns.name());
+    apply_template(&client, &rig_template(&template, "")).await?;
+    let _operator = Operator::start(rig, ns.name()).await?;
+    let service = format!("svc-{}", random_suffix());
+
+    let catalogs = ns.api::<AmiCatalog>();
+    let region = rig.region();
+    // An hour between syncs: only the Bake's success can bring its image in during the test.
+    apply_catalog(
+        &catalogs,
+        &format!(
+            "apiVersion: baker.io/v1alpha1\nkind: AmiCatalog\nmetadata: {{name: svc}}\nspec:\n  region: {region}\n  service: {service}\n  refreshIntervalSeconds: 3600\n"
+        ),
+    )
+    .await?;
+    wait_catalog(
+        &catalogs,
+        "svc",
+        Duration::from_secs(60),
+        "the empty catalog to sync",
+        |s| ready(s).is_some_and(|(st, _)| st == "True"),
+    )
+    .await?;
+
+    create_bake(&ns, &bake_yaml("svc-1", &template, &service, "1.0.4", "hvm")).await?;
+    let bake = wait_for_phase(
+        &ns.api::<Bake>(),
+        "svc-1",
+        BakePhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await?;
+    let seen = Instant::now();
+    let ami = bake
+        .status
+        .and_then(|s| s.ami_id)
+        .context("a Succeeded Bake has an amiId")?;
+    let listed = wait_catalog(
+        &catalogs,
+        "svc",
+        Duration::from_secs(15),
+        "the baked AMI in the catalog",
+        |s| s.latest.as_ref().is_some_and(|l| l.image_id == ami),
+    )
+    .await?;
+    eprintln!(
+        "the AMI appeared in its catalog {:.1?} after the Bake succeeded",
+        seen.elapsed()
+    );
+    let latest = listed.status.and_then(|s| s.latest).context("latest")?;
+    assert_eq!(latest.service.as_deref(), Some(service.as_str()));
+    assert_eq!(latest.version.as_deref(), Some("1.0.4"));
+    assert!(latest.source_ami_id.is_some(), "lineage tag read: {latest:?}");
+
+    finish(ns).await
+}
