@@ -86,8 +86,10 @@ pub enum CliError {
     },
     #[error("the Bake names template {bake:?}, but the file holds BakeTemplate {file:?}")]
     TemplateMismatch { bake: String, file: String },
-    #[error("the BakeTemplate sets neither source.amiId nor source.filter")]
+    #[error("the BakeTemplate sets none of source.amiId, source.filter or source.catalog")]
     NoSource,
+    #[error("the BakeTemplate takes its source image from AmiCatalog {0:?}: pass --source-ami")]
+    CatalogSource(String),
     #[error(transparent)]
     Render(#[from] packer::RenderError),
     #[error("serialising CRDs failed: {0}")]
@@ -134,7 +136,12 @@ pub fn render_from_files(
         (Some(id), _, _) => ResolvedSource::AmiId(id),
         (None, Some(id), _) => ResolvedSource::AmiId(id.clone()),
         (None, None, Some(filter)) => ResolvedSource::Filter(filter.clone()),
-        (None, None, None) => return Err(CliError::NoSource),
+        (None, None, None) => {
+            return Err(match &template.spec.source.catalog {
+                Some(c) => CliError::CatalogSource(c.name.clone()),
+                None => CliError::NoSource,
+            });
+        }
     };
     let identity = BakeIdentity {
         name: bake.name_any(),

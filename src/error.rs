@@ -11,6 +11,9 @@ pub enum Error {
     #[error("reading BakeTemplate failed: {0}")]
     GetTemplate(#[source] kube::Error),
 
+    #[error("reading the source AmiCatalog failed: {0}")]
+    GetCatalog(#[source] kube::Error),
+
     #[error("reading the bake pod failed: {0}")]
     GetPod(#[source] kube::Error),
 
@@ -44,7 +47,9 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::MissingField(_) => "invalid_object",
-            Error::GetTemplate(_) | Error::GetPod(_) | Error::ListBakes(_) => "kube_read",
+            Error::GetTemplate(_) | Error::GetCatalog(_) | Error::GetPod(_) | Error::ListBakes(_) => {
+                "kube_read"
+            }
             Error::CreateConfigMap(_)
             | Error::CreatePod(_)
             | Error::PatchStatus(_)

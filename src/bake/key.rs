@@ -72,6 +72,7 @@ mod tests {
             source: SourceImage {
                 ami_id: Some("ami-0123456789abcdef0".into()),
                 filter: None,
+                catalog: None,
             },
             instance_type: None,
             communicator: None,

@@ -193,6 +193,25 @@ pub fn due(
     }
 }
 
+/// The image a Bake of this virtualization type starts from when its template names the catalog:
+/// the newest available one listed of that type (an image whose type is unknown also serves).
+pub fn source_image(status: Option<&AmiCatalogStatus>, virtualization_type: &str) -> Option<String> {
+    let status = status?;
+    let fits = |i: &&CatalogImage| {
+        i.state.as_deref() == Some("available")
+            && i.virtualization_type
+                .as_deref()
+                .is_none_or(|v| v == virtualization_type)
+    };
+    status
+        .latest
+        .iter()
+        .filter(fits)
+        .chain(status.images.iter().filter(fits))
+        .map(|i| i.image_id.clone())
+        .next()
+}
+
 /// How long after it finished a succeeded Bake still refreshes catalogs: long enough for a
 /// restarted operator to catch up, short enough that relisting old Bakes costs nothing.
 pub const REFRESH_WINDOW: Duration = Duration::from_secs(600);
@@ -406,6 +425,37 @@ mod tests {
         );
         assert!(changed(Some(&first), &third));
         assert_eq!(third.last_sync_time, Some(t(800)));
+    }
+
+    #[test]
+    fn a_bake_starts_from_the_latest_image_of_its_virtualization_type() {
+        let mut para = image("ami-para", 5, "available");
+        para.virtualization_type = Some("paravirtual".into());
+        let status = next_status(
+            None,
+            &spec(),
+            Some(1),
+            &Ok(vec![
+                image("ami-hvm-old", 1, "available"),
+                image("ami-hvm", 3, "available"),
+                para,
+            ]),
+            &t(1),
+        );
+        assert_eq!(
+            source_image(Some(&status), "paravirtual").as_deref(),
+            Some("ami-para")
+        );
+        assert_eq!(source_image(Some(&status), "hvm").as_deref(), Some("ami-hvm"));
+        assert_eq!(source_image(None, "hvm"), None);
+        let pending = next_status(
+            None,
+            &spec(),
+            Some(1),
+            &Ok(vec![image("ami-p", 1, "pending")]),
+            &t(1),
+        );
+        assert_eq!(source_image(Some(&pending), "hvm"), None);
     }
 
     #[test]

@@ -311,6 +311,7 @@ mod tests {
             source: SourceImage {
                 ami_id: Some("ami-0123456789abcdef0".into()),
                 filter: None,
+                catalog: None,
             },
             instance_type: None,
             communicator: None,
@@ -475,6 +476,7 @@ mod tests {
                 name: Some("amzn2-ami-{virtualizationType}-*".into()),
                 tags: BTreeMap::new(),
             }),
+            catalog: None,
         };
         let (b, id) = (bake(), identity());
         let input = RenderInput {
