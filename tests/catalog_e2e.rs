@@ -546,3 +546,240 @@ async fn a_bake_whose_template_takes_the_latest_image_of_a_catalog_waits_for_it_
 
     finish(ns).await
 }
+
+/// Makes an image from a running instance (moto gives it a snapshot) and tags it.
+async fn image_from(
+    ec2: &aws_sdk_ec2::Client,
+    instance: &str,
+    name: &str,
+    tags: &[(&str, &str)],
+) -> Result<String> {
+    let id = ec2
+        .create_image()
+        .instance_id(instance)
+        .name(name)
+        .send()
+        .await?
+        .image_id()
+        .context("CreateImage returned no id")?
+        .to_string();
+    let mut request = ec2.create_tags().resources(&id);
+    for (k, v) in tags {
+        request = request.tags(Tag::builder().key(*k).value(*v).build());
+    }
+    request.send().await?;
+    Ok(id)
+}
+
+async fn image_exists(ec2: &aws_sdk_ec2::Client, id: &str) -> Result<bool> {
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(Filter::builder().name("image-id").values(id).build())
+        .send()
+        .await?;
+    Ok(!out.images().is_empty())
+}
+
+async fn snapshots_of(ec2: &aws_sdk_ec2::Client, id: &str) -> Result<Vec<String>> {
+    let out = ec2.describe_images().image_ids(id).send().await?;
+    Ok(out
+        .images()
+        .iter()
+        .flat_map(|i| i.block_device_mappings())
+        .filter_map(|m| Some(m.ebs()?.snapshot_id()?.to_string()))
+        .collect())
+}
+
+async fn snapshot_exists(ec2: &aws_sdk_ec2::Client, id: &str) -> Result<bool> {
+    let out = ec2
+        .describe_snapshots()
+        .owner_ids("self")
+        .filters(Filter::builder().name("snapshot-id").values(id).build())
+        .send()
+        .await?;
+    Ok(!out.snapshots().is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn retention_keeps_the_newest_and_used_images_removes_the_rest_with_snapshots_and_dry_run_removes_nothing()
+-> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "cat-ret").await?;
+    let template = format!("{}-ebs", ns.name());
+    apply_template(&client, &rig_template(&template, "")).await?;
+    let _operator = Operator::start(rig, ns.name()).await?;
+    let ec2 = rig.ec2();
+    let sfx = random_suffix();
+    let service = format!("ret-{sfx}");
+
+    // The oldest image: the AMI of a Bake that still exists.
+    create_bake(&ns, &bake_yaml("old", &template, &service, "1.0.0", "hvm")).await?;
+    let bake = wait_for_phase(
+        &ns.api::<Bake>(),
+        "old",
+        BakePhase::Succeeded,
+        Duration::from_secs(180),
+    )
+    .await?;
+    let by_bake = bake.status.and_then(|s| s.ami_id).context("amiId")?;
+
+    // Then a base image, two plain old images, and (a second later, so they are strictly newer)
+    // three new ones, the newest recording the base as its source.
+    let seed = ec2
+        .describe_images()
+        .owners("self")
+        .filters(
+            Filter::builder()
+                .name("name")
+                .values("baker-rig-source-hvm-*")
+                .build(),
+        )
+        .send()
+        .await?
+        .images()
+        .first()
+        .and_then(|i| i.image_id().map(str::to_string))
+        .context("the rig's seeded source image")?;
+    let run = ec2
+        .run_instances()
+        .image_id(&seed)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await?;
+    let instance = run
+        .instances()
+        .first()
+        .and_then(|i| i.instance_id())
+        .context("an instance")?
+        .to_string();
+    let svc: &[(&str, &str)] = &[(keys::SERVICE, &service)];
+    let base = image_from(&ec2, &instance, &format!("ret-{sfx}-base"), svc).await?;
+    let old1 = image_from(&ec2, &instance, &format!("ret-{sfx}-old1"), svc).await?;
+    let old2 = image_from(&ec2, &instance, &format!("ret-{sfx}-old2"), svc).await?;
+    let second = jiff::Timestamp::now().as_second();
+    support::wait_until(Duration::from_secs(3), "the next second", || async {
+        (jiff::Timestamp::now().as_second() > second).then_some(())
+    })
+    .await?;
+    let mut newest = Vec::new();
+    for i in 1..=2 {
+        newest.push(image_from(&ec2, &instance, &format!("ret-{sfx}-new{i}"), svc).await?);
+    }
+    newest.push(
+        image_from(
+            &ec2,
+            &instance,
+            &format!("ret-{sfx}-new3"),
+            &[(keys::SERVICE, &service), (keys::SOURCE_AMI, &base)],
+        )
+        .await?,
+    );
+    ec2.terminate_instances().instance_ids(&instance).send().await?;
+    let old_snapshots = [snapshots_of(&ec2, &old1).await?, snapshots_of(&ec2, &old2).await?].concat();
+    assert!(!old_snapshots.is_empty(), "moto's CreateImage made snapshots");
+
+    let catalogs = ns.api::<AmiCatalog>();
+    let region = rig.region();
+    let catalog = |dry_run: bool| {
+        format!(
+            "apiVersion: baker.io/v1alpha1\nkind: AmiCatalog\nmetadata: {{name: svc}}\nspec:\n  region: {region}\n  service: {service}\n  retention: {{keepNewest: 3, dryRun: {dry_run}}}\n"
+        )
+    };
+    let mut expected_removed = vec![old2.clone(), old1.clone()];
+    expected_removed.sort();
+    let removed_ids = |s: &AmiCatalogStatus| {
+        let mut ids: Vec<String> = s
+            .retention
+            .iter()
+            .flat_map(|r| r.removed.iter().map(|i| i.image_id.clone()))
+            .collect();
+        ids.sort();
+        ids
+    };
+
+    // Dry run: lists what would go, removes nothing.
+    apply_catalog(&catalogs, &catalog(true)).await?;
+    let dry = wait_catalog(
+        &catalogs,
+        "svc",
+        Duration::from_secs(60),
+        "a dry-run retention status",
+        |s| s.retention.as_ref().is_some_and(|r| r.dry_run),
+    )
+    .await?
+    .status
+    .unwrap_or_default();
+    assert_eq!(removed_ids(&dry), expected_removed, "{:#?}", dry.retention);
+    let protected: HashMap<String, String> = dry
+        .retention
+        .iter()
+        .flat_map(|r| r.protected.iter().map(|p| (p.image_id.clone(), p.reason.clone())))
+        .collect();
+    assert!(
+        protected.get(&by_bake).is_some_and(|r| r.contains("Bake")),
+        "{protected:?}"
+    );
+    assert!(
+        protected.get(&base).is_some_and(|r| r.contains(&newest[2])),
+        "{protected:?}"
+    );
+    for id in [&old1, &old2] {
+        assert!(image_exists(&ec2, id).await?, "dry run removed {id}");
+    }
+    assert_eq!(dry.count, Some(7));
+
+    // For real: the same set goes, with its snapshots; everything else stays.
+    apply_catalog(&catalogs, &catalog(false)).await?;
+    let done = wait_catalog(
+        &catalogs,
+        "svc",
+        Duration::from_secs(60),
+        "retention to remove images",
+        |s| {
+            s.retention
+                .as_ref()
+                .is_some_and(|r| !r.dry_run && !r.removed.is_empty())
+        },
+    )
+    .await?
+    .status
+    .unwrap_or_default();
+    assert_eq!(removed_ids(&done), expected_removed, "{:#?}", done.retention);
+    for id in [&old1, &old2] {
+        assert!(!image_exists(&ec2, id).await?, "{id} still registered");
+    }
+    for snap in &old_snapshots {
+        assert!(
+            !snapshot_exists(&ec2, snap).await?,
+            "snapshot {snap} of a removed image remains"
+        );
+    }
+    for id in newest.iter().chain([&by_bake, &base]) {
+        assert!(image_exists(&ec2, id).await?, "{id} was removed");
+    }
+    assert_eq!(done.count, Some(5));
+    assert!(!ids(&done).contains(&old1));
+
+    // Every removal is an Event naming the image.
+    let events = ns.api::<k8s_openapi::api::events::v1::Event>();
+    let notes: Vec<String> = events
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reason.as_deref() == Some("ImageRemoved"))
+        .filter_map(|e| e.note)
+        .collect();
+    for id in [&old1, &old2] {
+        assert!(
+            notes.iter().any(|n| n.contains(id.as_str())),
+            "no Event for {id}: {notes:?}"
+        );
+    }
+
+    finish(ns).await
+}

@@ -2,6 +2,7 @@
 //! (pure, unit-tested here), and the reconciler that runs the sync (`controller`).
 
 pub mod controller;
+pub mod retention;
 
 use std::time::Duration;
 
@@ -262,6 +263,7 @@ mod tests {
             service: None,
             limit: None,
             refresh_interval_seconds: None,
+            retention: None,
         }
     }
 
@@ -281,6 +283,7 @@ mod tests {
                 (keys::VERSION.to_string(), format!("1.0.{day}")),
                 (keys::SOURCE_AMI.to_string(), "ami-base".to_string()),
             ]),
+            snapshot_ids: vec![format!("snap-{id}")],
         }
     }
 
