@@ -660,6 +660,9 @@ async fn retention_keeps_the_newest_and_used_images_removes_the_rest_with_snapsh
     let base = image_from(&ec2, &instance, &format!("ret-{sfx}-base"), svc).await?;
     let old1 = image_from(&ec2, &instance, &format!("ret-{sfx}-old1"), svc).await?;
     let old2 = image_from(&ec2, &instance, &format!("ret-{sfx}-old2"), svc).await?;
+    // Two more old ones, in use: one runs an instance, one is named by a launch template.
+    let in_use = image_from(&ec2, &instance, &format!("ret-{sfx}-running"), svc).await?;
+    let in_template = image_from(&ec2, &instance, &format!("ret-{sfx}-templated"), svc).await?;
     let second = jiff::Timestamp::now().as_second();
     support::wait_until(Duration::from_secs(3), "the next second", || async {
         (jiff::Timestamp::now().as_second() > second).then_some(())
@@ -679,6 +682,29 @@ async fn retention_keeps_the_newest_and_used_images_removes_the_rest_with_snapsh
         .await?,
     );
     ec2.terminate_instances().instance_ids(&instance).send().await?;
+    let user = ec2
+        .run_instances()
+        .image_id(&in_use)
+        .instance_type(aws_sdk_ec2::types::InstanceType::T3Micro)
+        .min_count(1)
+        .max_count(1)
+        .send()
+        .await?
+        .instances()
+        .first()
+        .and_then(|i| i.instance_id())
+        .context("an instance")?
+        .to_string();
+    let launch_template = format!("ret-{sfx}");
+    ec2.create_launch_template()
+        .launch_template_name(&launch_template)
+        .launch_template_data(
+            aws_sdk_ec2::types::RequestLaunchTemplateData::builder()
+                .image_id(&in_template)
+                .build(),
+        )
+        .send()
+        .await?;
     let old_snapshots = [snapshots_of(&ec2, &old1).await?, snapshots_of(&ec2, &old2).await?].concat();
     assert!(!old_snapshots.is_empty(), "moto's CreateImage made snapshots");
 
@@ -727,10 +753,21 @@ async fn retention_keeps_the_newest_and_used_images_removes_the_rest_with_snapsh
         protected.get(&base).is_some_and(|r| r.contains(&newest[2])),
         "{protected:?}"
     );
+    assert!(
+        protected.get(&in_use).is_some_and(|r| r.contains(&user)),
+        "{protected:?}"
+    );
+    assert!(
+        protected
+            .get(&in_template)
+            .is_some_and(|r| r.contains(&launch_template)),
+        "{protected:?}"
+    );
+    assert_eq!(protected.len(), 4, "{protected:?}");
     for id in [&old1, &old2] {
         assert!(image_exists(&ec2, id).await?, "dry run removed {id}");
     }
-    assert_eq!(dry.count, Some(7));
+    assert_eq!(dry.count, Some(9));
 
     // For real: the same set goes, with its snapshots; everything else stays.
     apply_catalog(&catalogs, &catalog(false)).await?;
@@ -758,10 +795,10 @@ async fn retention_keeps_the_newest_and_used_images_removes_the_rest_with_snapsh
             "snapshot {snap} of a removed image remains"
         );
     }
-    for id in newest.iter().chain([&by_bake, &base]) {
+    for id in newest.iter().chain([&by_bake, &base, &in_use, &in_template]) {
         assert!(image_exists(&ec2, id).await?, "{id} was removed");
     }
-    assert_eq!(done.count, Some(5));
+    assert_eq!(done.count, Some(7));
     assert!(!ids(&done).contains(&old1));
 
     // Every removal is an Event naming the image.
@@ -780,6 +817,13 @@ async fn retention_keeps_the_newest_and_used_images_removes_the_rest_with_snapsh
             "no Event for {id}: {notes:?}"
         );
     }
+    assert_eq!(notes.len(), 2, "{notes:?}");
+
+    ec2.terminate_instances().instance_ids(&user).send().await?;
+    ec2.delete_launch_template()
+        .launch_template_name(&launch_template)
+        .send()
+        .await?;
 
     finish(ns).await
 }
