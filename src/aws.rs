@@ -62,6 +62,8 @@ pub struct ImageSummary {
     pub state: Option<String>,
     pub virtualization_type: Option<String>,
     pub tags: BTreeMap<String, String>,
+    /// Snapshots of the image's EBS block devices.
+    pub snapshot_ids: Vec<String>,
 }
 
 impl From<&Image> for ImageSummary {
@@ -76,6 +78,11 @@ impl From<&Image> for ImageSummary {
                 .tags()
                 .iter()
                 .filter_map(|t| Some((t.key()?.to_string(), t.value().unwrap_or_default().to_string())))
+                .collect(),
+            snapshot_ids: image
+                .block_device_mappings()
+                .iter()
+                .filter_map(|m| Some(m.ebs()?.snapshot_id()?.to_string()))
                 .collect(),
         }
     }
@@ -170,6 +177,16 @@ impl Ec2 {
         Ok(out)
     }
 
+    /// Images of these owners matching server-side filters, every page, newest first.
+    pub async fn images(
+        &self,
+        region: &str,
+        owners: &[String],
+        filters: Vec<Filter>,
+    ) -> Result<Vec<ImageSummary>, Ec2Error> {
+        self.describe(region, owners, filters).await
+    }
+
     /// The newest available image matching a template's source filter, if any.
     pub async fn resolve_source(
         &self,
@@ -192,6 +209,124 @@ impl Ec2 {
     ) -> Result<Vec<ImageSummary>, Ec2Error> {
         let filters = vec![Filter::builder().name(format!("tag:{key}")).values(value).build()];
         self.describe(region, &["self".to_string()], filters).await
+    }
+}
+
+/// What retention must not remove: image id to a description of what uses it.
+pub type Uses = BTreeMap<String, String>;
+
+impl Ec2 {
+    /// Images of this account whose `baker.io/source-ami` tag names one of `ids`: `ids` are their
+    /// bases.
+    pub async fn bases_among(&self, region: &str, ids: &[String]) -> Result<Uses, Ec2Error> {
+        let filters = vec![
+            Filter::builder()
+                .name(format!("tag:{}", crate::api::keys::SOURCE_AMI))
+                .set_values(Some(ids.to_vec()))
+                .build(),
+        ];
+        let children = self.describe(region, &["self".to_string()], filters).await?;
+        let mut uses = Uses::new();
+        for child in children {
+            if let Some(base) = child.tags.get(crate::api::keys::SOURCE_AMI) {
+                uses.entry(base.clone())
+                    .or_insert_with(|| format!("the base of image {}", child.image_id));
+            }
+        }
+        Ok(uses)
+    }
+
+    /// Instances (not terminated) launched from one of `ids`.
+    pub async fn instances_using(&self, region: &str, ids: &[String]) -> Result<Uses, Ec2Error> {
+        let mut pages = self
+            .client(region)
+            .describe_instances()
+            .filters(
+                Filter::builder()
+                    .name("image-id")
+                    .set_values(Some(ids.to_vec()))
+                    .build(),
+            )
+            .filters(
+                Filter::builder()
+                    .name("instance-state-name")
+                    .values("pending")
+                    .values("running")
+                    .values("stopping")
+                    .values("stopped")
+                    .build(),
+            )
+            .into_paginator()
+            .send();
+        let mut uses = Uses::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| Ec2Error::from_sdk("DescribeInstances", e))?;
+            for instance in page.reservations().iter().flat_map(|r| r.instances()) {
+                if let (Some(image), Some(id)) = (instance.image_id(), instance.instance_id()) {
+                    uses.entry(image.to_string())
+                        .or_insert_with(|| format!("used by instance {id}"));
+                }
+            }
+        }
+        Ok(uses)
+    }
+
+    /// Images named by any version of any launch template of the account.
+    pub async fn launch_template_images(&self, region: &str) -> Result<Uses, Ec2Error> {
+        let client = self.client(region);
+        let mut templates = Vec::new();
+        let mut pages = client.describe_launch_templates().into_paginator().send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| Ec2Error::from_sdk("DescribeLaunchTemplates", e))?;
+            templates.extend(page.launch_templates().iter().filter_map(|t| {
+                Some((
+                    t.launch_template_id()?.to_string(),
+                    t.launch_template_name().unwrap_or_default().to_string(),
+                ))
+            }));
+        }
+        let mut uses = Uses::new();
+        for (id, name) in templates {
+            let mut pages = client
+                .describe_launch_template_versions()
+                .launch_template_id(&id)
+                .into_paginator()
+                .send();
+            while let Some(page) = pages.next().await {
+                let page = page.map_err(|e| Ec2Error::from_sdk("DescribeLaunchTemplateVersions", e))?;
+                for version in page.launch_template_versions() {
+                    if let Some(image) = version.launch_template_data().and_then(|d| d.image_id()) {
+                        uses.entry(image.to_string()).or_insert_with(|| {
+                            format!(
+                                "named by launch template {name} version {}",
+                                version.version_number().unwrap_or_default()
+                            )
+                        });
+                    }
+                }
+            }
+        }
+        Ok(uses)
+    }
+
+    /// Deregisters an image and deletes its snapshots (a snapshot already gone is fine).
+    pub async fn remove_image(&self, region: &str, image: &ImageSummary) -> Result<(), Ec2Error> {
+        let client = self.client(region);
+        client
+            .deregister_image()
+            .image_id(&image.image_id)
+            .send()
+            .await
+            .map_err(|e| Ec2Error::from_sdk("DeregisterImage", e))?;
+        for snapshot in &image.snapshot_ids {
+            if let Err(e) = client.delete_snapshot().snapshot_id(snapshot).send().await {
+                let e = Ec2Error::from_sdk("DeleteSnapshot", e);
+                if e.code != "InvalidSnapshot.NotFound" {
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
     }
 }
 

@@ -86,8 +86,10 @@ pub enum CliError {
     },
     #[error("the Bake names template {bake:?}, but the file holds BakeTemplate {file:?}")]
     TemplateMismatch { bake: String, file: String },
-    #[error("the BakeTemplate sets neither source.amiId nor source.filter")]
+    #[error("the BakeTemplate sets none of source.amiId, source.filter or source.catalog")]
     NoSource,
+    #[error("the BakeTemplate takes its source image from AmiCatalog {0:?}: pass --source-ami")]
+    CatalogSource(String),
     #[error(transparent)]
     Render(#[from] packer::RenderError),
     #[error("serialising CRDs failed: {0}")]
@@ -134,7 +136,12 @@ pub fn render_from_files(
         (Some(id), _, _) => ResolvedSource::AmiId(id),
         (None, Some(id), _) => ResolvedSource::AmiId(id.clone()),
         (None, None, Some(filter)) => ResolvedSource::Filter(filter.clone()),
-        (None, None, None) => return Err(CliError::NoSource),
+        (None, None, None) => {
+            return Err(match &template.spec.source.catalog {
+                Some(c) => CliError::CatalogSource(c.name.clone()),
+                None => CliError::NoSource,
+            });
+        }
     };
     let identity = BakeIdentity {
         name: bake.name_any(),
@@ -211,15 +218,22 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
         Command::Run { config, log_format } => {
             init_tracing(log_format);
             let client = kube::Client::try_default().await?;
-            let ec2 = Ec2::from_env().await;
+            let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
+            let catalog_ctx = Arc::new(crate::catalog::controller::Context::new(
+                client.clone(),
+                Ec2::new(aws.clone()),
+                config.watch_namespace.clone(),
+            ));
+            let ec2 = Ec2::new(aws);
             tracing::info!(
                 packer_image = %config.packer_image,
                 credentials_secret = config.aws_credentials_secret.is_some(),
                 ec2_endpoint = config.ec2_endpoint.as_deref().unwrap_or("default"),
-                "starting the Bake controller"
+                "starting the Bake and AmiCatalog controllers"
             );
             let ctx = Arc::new(Context::new(client, ec2, config));
-            controller::run(ctx).await;
+            // One process, both controllers; each stops on the shutdown signal.
+            tokio::join!(controller::run(ctx), crate::catalog::controller::run(catalog_ctx));
             Ok(())
         }
     }

@@ -11,6 +11,9 @@ pub enum Error {
     #[error("reading BakeTemplate failed: {0}")]
     GetTemplate(#[source] kube::Error),
 
+    #[error("reading the source AmiCatalog failed: {0}")]
+    GetCatalog(#[source] kube::Error),
+
     #[error("reading the bake pod failed: {0}")]
     GetPod(#[source] kube::Error),
 
@@ -25,6 +28,9 @@ pub enum Error {
 
     #[error("labelling the Bake failed: {0}")]
     PatchMetadata(#[source] kube::Error),
+
+    #[error("writing AmiCatalog status failed: {0}")]
+    PatchCatalogStatus(#[source] kube::Error),
 
     #[error("listing Bakes failed: {0}")]
     ListBakes(#[source] kube::Error),
@@ -41,11 +47,14 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::MissingField(_) => "invalid_object",
-            Error::GetTemplate(_) | Error::GetPod(_) | Error::ListBakes(_) => "kube_read",
+            Error::GetTemplate(_) | Error::GetCatalog(_) | Error::GetPod(_) | Error::ListBakes(_) => {
+                "kube_read"
+            }
             Error::CreateConfigMap(_)
             | Error::CreatePod(_)
             | Error::PatchStatus(_)
             | Error::PatchMetadata(_)
+            | Error::PatchCatalogStatus(_)
             | Error::DeletePod(_) => "kube_write",
             Error::Ec2(_) => "ec2",
         }

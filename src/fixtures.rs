@@ -11,6 +11,7 @@ pub fn template(builder: Builder) -> BakeTemplateSpec {
         source: SourceImage {
             ami_id: Some("ami-0123456789abcdef0".into()),
             filter: None,
+            catalog: None,
         },
         instance_type: None,
         communicator: None,

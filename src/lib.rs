@@ -7,6 +7,7 @@
 pub mod api;
 pub mod aws;
 pub mod bake;
+pub mod catalog;
 pub mod cli;
 pub mod config;
 pub mod error;

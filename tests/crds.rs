@@ -26,7 +26,7 @@ fn crds_carry_the_admission_rules_users_rely_on() {
         "spec is immutable",
         "service must be a DNS-1123 label",
         "version must be a package version",
-        "set exactly one of source.amiId or source.filter",
+        "set exactly one of source.amiId, source.filter or source.catalog",
         "x-kubernetes-list-map-keys",
     ] {
         assert!(yaml.contains(needle), "CRDs lack {needle:?}");

@@ -26,6 +26,9 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Last Sync", type_ = "date", json_path = ".status.lastSyncTime"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
 )]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.retention) || !has(self.owners) || self.owners.all(o, o == 'self' || o.matches('^[0-9]{12}$'))"
+).message("retention removes images of this account only: owners must be self or account ids"))]
 #[serde(rename_all = "camelCase")]
 pub struct AmiCatalogSpec {
     /// AWS region to list images in.
@@ -61,6 +64,35 @@ pub struct AmiCatalogSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 10, max = 86400))]
     pub refresh_interval_seconds: Option<i64>,
+
+    /// Opt-in removal of old images of this account that the catalog matches: deregistered, their
+    /// snapshots deleted. An image is never removed while it is the recorded base
+    /// (`baker.io/source-ami`) of another image, the `amiId` or source of an existing Bake, used
+    /// by an instance, or named by a launch template.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Retention>,
+}
+
+/// Which images to keep; the others are removed. With both limits, an image is kept if either
+/// keeps it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = kube::core::Rule::new("has(self.keepNewest) || has(self.maxAgeDays)").message("retention needs keepNewest or maxAgeDays"))]
+#[serde(rename_all = "camelCase")]
+pub struct Retention {
+    /// Keep the newest N images of each service (images without a `baker.io/service` tag form
+    /// one group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub keep_newest: Option<i32>,
+
+    /// Keep images younger than this many days.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub max_age_days: Option<i32>,
+
+    /// List in `status.retention` what would be removed, and remove nothing.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// One image in a catalog.
@@ -102,8 +134,48 @@ pub struct AmiCatalogStatus {
     pub last_sync_time: Option<Time>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
+    /// What the retention policy removed (or, in a dry run, would remove) and what it kept
+    /// because something still uses it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionStatus>,
     /// `Ready` is False with the AWS error code when EC2 could not be read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::api::conditions::conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// The outcome of the retention policy.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionStatus {
+    /// True: nothing was removed, and `removed` lists what would be.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Images removed at the last pass that removed any (or that would be removed now).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed: Vec<RemovedImage>,
+    /// Images past the policy that are kept because something uses them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub protected: Vec<ProtectedImage>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RemovedImage {
+    pub image_id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creation_date: Option<String>,
+    /// Snapshots deleted with the image (or that would be).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub snapshot_ids: Vec<String>,
+}
+
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ProtectedImage {
+    pub image_id: String,
+    /// What uses it, e.g. `the amiId of Bake ns/name`.
+    pub reason: String,
 }

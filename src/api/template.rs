@@ -143,9 +143,11 @@ pub enum Communicator {
     None,
 }
 
-/// The image a bake starts from: exactly one of `amiId` or `filter`.
+/// The image a bake starts from: exactly one of `amiId`, `filter` or `catalog`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
-#[x_kube(validation = kube::core::Rule::new("has(self.amiId) != has(self.filter)").message("set exactly one of source.amiId or source.filter"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.amiId) ? 1 : 0) + (has(self.filter) ? 1 : 0) + (has(self.catalog) ? 1 : 0) == 1"
+).message("set exactly one of source.amiId, source.filter or source.catalog"))]
 #[serde(rename_all = "camelCase")]
 pub struct SourceImage {
     /// A fixed AMI id, e.g. `ami-0abcd1234ef567890`.
@@ -158,6 +160,21 @@ pub struct SourceImage {
     /// added as a filter, so one template serves `hvm` and `paravirtual` bakes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub filter: Option<ImageFilter>,
+
+    /// The latest image of an AmiCatalog in the Bake's namespace (of the Bake's virtualization
+    /// type, if the catalog lists several): e.g. a base image baked earlier. A Bake whose catalog
+    /// lists no such image waits, Pending, with reason `SourceCatalogEmpty`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub catalog: Option<CatalogSource>,
+}
+
+/// An AmiCatalog to take the source image from.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct CatalogSource {
+    /// Name of the AmiCatalog, in the Bake's namespace.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
 }
 
 /// An EC2 image query; the newest match wins.

@@ -25,7 +25,7 @@ use super::pod::{self, PodInput};
 use super::queue::{self, Decision};
 use super::status::{self, PodOutcome, Reason, Transition};
 use crate::api::bake::ReusedImage;
-use crate::api::{Bake, BakeStatus, BakeTemplate, keys};
+use crate::api::{AmiCatalog, Bake, BakeStatus, BakeTemplate, keys};
 use crate::aws::Ec2;
 use crate::config::OperatorConfig;
 use crate::error::{Error, Result};
@@ -178,6 +178,8 @@ fn requeue_for(reason: Reason) -> Action {
     match reason {
         Reason::TemplateNotFound | Reason::SourceImageNotFound => Action::requeue(Duration::from_secs(60)),
         Reason::Ec2Unavailable => Action::requeue(Duration::from_secs(20)),
+        // A catalog fills when its own sync (or a Bake of the base image) lists an image.
+        Reason::SourceCatalogEmpty => Action::requeue(Duration::from_secs(10)),
         Reason::AwaitingImage => Action::requeue(Duration::from_secs(2)),
         // Woken when another Bake ends; this is the safety net.
         Reason::Queued | Reason::WaitingForIdenticalBake => Action::requeue(Duration::from_secs(15)),
@@ -211,6 +213,29 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     let source_ami = match (recorded, &tspec.source.ami_id, &tspec.source.filter) {
         (Some(id), _, _) => id,
         (None, Some(id), _) => id.clone(),
+        (None, None, None) if let Some(source) = &tspec.source.catalog => {
+            let catalogs: Api<AmiCatalog> = Api::namespaced(ctx.client.clone(), &b.namespace);
+            let catalog = catalogs.get_opt(&source.name).await.map_err(Error::GetCatalog)?;
+            let virt = spec.virtualization_type.as_str();
+            match crate::catalog::source_image(catalog.as_ref().and_then(|c| c.status.as_ref()), virt) {
+                Some(id) => id,
+                None => {
+                    let what = if catalog.is_some() {
+                        "lists no available"
+                    } else {
+                        "does not exist, so it lists no"
+                    };
+                    let t = Transition::new(
+                        Reason::SourceCatalogEmpty,
+                        format!(
+                            "AmiCatalog {:?} (the source of BakeTemplate {:?}) {what} {virt} image; the Bake starts once it does",
+                            source.name, spec.template
+                        ),
+                    );
+                    return finish(b, ctx, t, None).await;
+                }
+            }
+        }
         (None, None, Some(filter)) => match ctx
             .ec2
             .resolve_source(&tspec.region, filter, spec.virtualization_type)
@@ -242,7 +267,7 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
         (None, None, None) => {
             let t = Transition::new(
                 Reason::InvalidTemplate,
-                "the BakeTemplate sets neither source.amiId nor source.filter",
+                "the BakeTemplate sets none of source.amiId, source.filter or source.catalog",
             );
             return finish(b, ctx, t, None).await;
         }

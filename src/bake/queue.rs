@@ -65,7 +65,13 @@ impl BakeView {
             && !self.terminal()
             && !matches!(
                 self.reason.as_deref(),
-                Some("TemplateNotFound" | "SourceImageNotFound" | "Ec2Unavailable" | "InvalidTemplate")
+                Some(
+                    "TemplateNotFound"
+                        | "SourceImageNotFound"
+                        | "SourceCatalogEmpty"
+                        | "Ec2Unavailable"
+                        | "InvalidTemplate"
+                )
             )
     }
 }
@@ -261,6 +267,24 @@ mod tests {
     fn bakes_stuck_on_a_missing_template_do_not_block_the_queue() {
         let stuck = BakeView {
             reason: Some("TemplateNotFound".into()),
+            phase: Some(BakePhase::Pending),
+            ..view("a", 1)
+        };
+        let me = view("b", 2);
+        let limits = Limits {
+            global: 1,
+            per_namespace: None,
+        };
+        assert_eq!(
+            decide(&me, "key-b", false, &[stuck, me.clone()], limits),
+            Decision::Launch
+        );
+    }
+
+    #[test]
+    fn bakes_waiting_for_an_empty_source_catalog_do_not_block_the_queue() {
+        let stuck = BakeView {
+            reason: Some("SourceCatalogEmpty".into()),
             phase: Some(BakePhase::Pending),
             ..view("a", 1)
         };

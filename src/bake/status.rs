@@ -13,6 +13,7 @@ pub enum Reason {
     TemplateNotFound,
     InvalidTemplate,
     SourceImageNotFound,
+    SourceCatalogEmpty,
     Ec2Unavailable,
     Launching,
     Queued,
@@ -35,6 +36,7 @@ impl Reason {
             Reason::TemplateNotFound => "TemplateNotFound",
             Reason::InvalidTemplate => "InvalidTemplate",
             Reason::SourceImageNotFound => "SourceImageNotFound",
+            Reason::SourceCatalogEmpty => "SourceCatalogEmpty",
             Reason::Ec2Unavailable => "Ec2Unavailable",
             Reason::Launching => "Launching",
             Reason::Queued => "Queued",
@@ -57,6 +59,7 @@ impl Reason {
         match self {
             Reason::TemplateNotFound
             | Reason::SourceImageNotFound
+            | Reason::SourceCatalogEmpty
             | Reason::Ec2Unavailable
             | Reason::Launching
             | Reason::PodPending => BakePhase::Pending,
@@ -74,8 +77,10 @@ impl Reason {
     /// Waiting on something only a person can fix (kstatus `Stalled`), even though the operator
     /// keeps checking.
     pub fn stalled(self) -> bool {
-        matches!(self, Reason::TemplateNotFound | Reason::SourceImageNotFound)
-            || self.phase() == BakePhase::Failed
+        matches!(
+            self,
+            Reason::TemplateNotFound | Reason::SourceImageNotFound | Reason::SourceCatalogEmpty
+        ) || self.phase() == BakePhase::Failed
     }
 }
 

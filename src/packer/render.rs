@@ -454,6 +454,7 @@ mod tests {
                 name: Some("amzn2-ami-{virtualizationType}-*".into()),
                 tags: BTreeMap::new(),
             }),
+            catalog: None,
         };
         let (b, id) = (bake(), identity());
         let input = RenderInput {

@@ -97,7 +97,10 @@ impl Operator {
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
         ] {
-            cmd.env(key, rig.var(key));
+            // An entry of `env` (e.g. a proxy in front of EC2) wins over the rig's value.
+            if !env.iter().any(|(k, _)| *k == key) {
+                cmd.env(key, rig.var(key));
+            }
         }
         // The test's own settings win over the rig's.
         cmd.envs(env.iter().copied());
