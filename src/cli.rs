@@ -2,14 +2,12 @@
 //! `template render` (the Packer template a Bake would get, without a cluster).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::ResourceExt;
 
 use crate::api::{self, Bake, BakeTemplate};
 use crate::aws::Ec2;
-use crate::bake::controller::{self, Context};
 use crate::config::OperatorConfig;
 use crate::packer::{self, BakeIdentity, RenderInput, ResolvedSource};
 
@@ -30,6 +28,8 @@ pub enum Command {
     Run {
         #[command(flatten)]
         config: OperatorConfig,
+        #[command(flatten)]
+        serve: crate::operator::ServeConfig,
         /// Log format: `json` for log pipelines, `text` for people.
         #[arg(long, env = "BAKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
         log_format: LogFormat,
@@ -94,6 +94,8 @@ pub enum CliError {
     Yaml(#[from] serde_yaml::Error),
     #[error("cannot connect to Kubernetes: {0}")]
     Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Operator(#[from] crate::operator::OperatorError),
 }
 
 fn read_manifest<T: serde::de::DeserializeOwned>(path: &Path, kind: &'static str) -> Result<T, CliError> {
@@ -208,7 +210,11 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             );
             Ok(())
         }
-        Command::Run { config, log_format } => {
+        Command::Run {
+            config,
+            serve,
+            log_format,
+        } => {
             init_tracing(log_format);
             let client = kube::Client::try_default().await?;
             let ec2 = Ec2::from_env().await;
@@ -218,9 +224,7 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
                 ec2_endpoint = config.ec2_endpoint.as_deref().unwrap_or("default"),
                 "starting the Bake controller"
             );
-            let ctx = Arc::new(Context::new(client, ec2, config));
-            controller::run(ctx).await;
-            Ok(())
+            Ok(crate::operator::run(client, ec2, config, serve).await?)
         }
     }
 }

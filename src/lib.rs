@@ -11,4 +11,8 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod failpoint;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod operator;
 pub mod packer;
