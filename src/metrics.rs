@@ -134,6 +134,11 @@ impl Metrics {
             "1 while this process holds the leader lease (or runs without leader election)",
             m.leader.clone(),
         );
+        for category in crate::error::Error::CATEGORIES {
+            m.reconcile_errors
+                .get_or_create(&CategoryLabels { category })
+                .get();
+        }
         for phase in PHASES {
             m.bakes
                 .get_or_create(&PhaseLabels {

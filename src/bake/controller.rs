@@ -745,8 +745,17 @@ pub async fn run(ctx: Arc<Context>) {
     let synced_store = controller.store();
     let health = ctx.health.clone();
     tokio::spawn(async move {
-        if synced_store.wait_until_ready().await.is_ok() {
-            health.caches_synced(synced_store);
+        // The store's readiness is a oneshot that wakes only its latest waiter, and the
+        // controller's applier waits on it too: poll again now and then rather than wait once.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(250), synced_store.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    health.caches_synced(synced_store);
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            }
         }
     });
     controller
