@@ -30,9 +30,7 @@ async fn metrics_after_a_bake_expose_phases_results_duration_and_ec2_calls_with_
     let ns = namespace(rig, &client, "ship-metrics").await?;
     let template = format!("{}-ebs", ns.name());
     apply_template(&client, &rig_template(&template, "")).await?;
-    let dir = tempfile::tempdir()?;
     let operator = Baker::start(rig, "op", ns.name(), &rig.kubeconfig_path(), &[], &[]).await?;
-    let _ = dir;
 
     wait_for_status(&operator.http, "/healthz", 200, Duration::from_secs(30)).await?;
     wait_for_status(&operator.http, "/readyz", 200, Duration::from_secs(60)).await?;
@@ -252,5 +250,46 @@ async fn of_two_replicas_one_reconciles_and_the_standby_takes_over_a_running_bak
     drop(proxy);
     let result = finish(ns).await;
     drop(second);
+    result
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bake_in_a_namespace_not_allowed_for_bake_pods_fails_without_a_pod() -> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "ship-notallowed").await?;
+    let template = format!("{}-ebs", ns.name());
+    apply_template(&client, &rig_template(&template, "")).await?;
+    let operator = Baker::start(
+        rig,
+        "op",
+        ns.name(),
+        &rig.kubeconfig_path(),
+        &["--bake-namespaces", "somewhere-else,elsewhere"],
+        &[],
+    )
+    .await?;
+    create_bake(
+        &ns,
+        &bake_yaml("refused-1.0.0", &template, "refused", "1.0.0", "hvm"),
+    )
+    .await?;
+    let bake = wait_for_phase(
+        &ns.api::<Bake>(),
+        "refused-1.0.0",
+        BakePhase::Failed,
+        BAKE_TIMEOUT,
+    )
+    .await?;
+    assert_eq!(ready_reason(&bake).as_deref(), Some("NamespaceNotAllowed"));
+    let message = bake.status.and_then(|s| s.message).unwrap_or_default();
+    assert!(
+        message.contains(ns.name()) && message.contains("somewhere-else"),
+        "{message}"
+    );
+    let pods = ns.api::<Pod>().list(&Default::default()).await?;
+    assert!(pods.items.is_empty(), "a pod was created");
+    let result = finish(ns).await;
+    drop(operator);
     result
 }

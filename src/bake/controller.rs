@@ -193,6 +193,18 @@ fn requeue_for(reason: Reason) -> Action {
 
 async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     let spec = &b.bake.spec;
+    // Bake pods are privileged: they run only where the admin allowed them.
+    if !ctx.config.bake_namespace_allowed(&b.namespace) {
+        let t = Transition::new(
+            Reason::NamespaceNotAllowed,
+            format!(
+                "bake pods may not run in namespace {}; the operator's admin allows: {}",
+                b.namespace,
+                ctx.config.bake_namespaces.join(", ")
+            ),
+        );
+        return finish(b, ctx, t, None).await;
+    }
     let templates: Api<BakeTemplate> = Api::all(ctx.client.clone());
     let Some(template) = templates
         .get_opt(&spec.template)

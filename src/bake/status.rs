@@ -27,6 +27,7 @@ pub enum Reason {
     Timeout,
     PodDeleted,
     ImageNotFound,
+    NamespaceNotAllowed,
 }
 
 impl Reason {
@@ -49,6 +50,7 @@ impl Reason {
             Reason::Timeout => "Timeout",
             Reason::PodDeleted => "PodDeleted",
             Reason::ImageNotFound => "ImageNotFound",
+            Reason::NamespaceNotAllowed => "NamespaceNotAllowed",
         }
     }
 
@@ -67,7 +69,8 @@ impl Reason {
             | Reason::PackerFailed
             | Reason::Timeout
             | Reason::PodDeleted
-            | Reason::ImageNotFound => BakePhase::Failed,
+            | Reason::ImageNotFound
+            | Reason::NamespaceNotAllowed => BakePhase::Failed,
         }
     }
 
