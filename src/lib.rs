@@ -16,3 +16,4 @@ pub mod leader;
 pub mod metrics;
 pub mod operator;
 pub mod packer;
+pub mod seed;

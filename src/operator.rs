@@ -12,6 +12,7 @@ use crate::bake::controller::{self, Context};
 use crate::config::OperatorConfig;
 use crate::http::{self, Health, Role};
 use crate::leader::{self, LeaderElector, LeaderError};
+use crate::seed;
 
 /// Settings of the process around the controllers: HTTP and leader election.
 #[derive(Args, Clone, Debug, PartialEq, Eq)]
@@ -36,6 +37,20 @@ pub struct ServeConfig {
     /// Seconds a standby waits, seeing the Lease unrenewed, before it takes over.
     #[arg(long, env = "BAKER_LEADER_ELECTION_LEASE_SECONDS", default_value_t = 15)]
     pub leader_election_lease_seconds: u64,
+
+    /// Serve the seed's HTTP API (`/ping`, `/healthcheck`, `/status`, `/amis`, `POST /bake/...`)
+    /// on the HTTP server.
+    #[arg(long, env = "BAKER_SEED_API")]
+    pub seed_api: bool,
+
+    /// File holding the bearer token `POST /bake` requires (the chart mounts a Secret there).
+    #[arg(long, env = "BAKER_SEED_API_TOKEN_FILE")]
+    pub seed_api_token_file: Option<std::path::PathBuf>,
+
+    /// Namespace where `POST /bake` creates Bakes. Unset: the watched namespace, else the first of
+    /// `--bake-namespaces`, else `default`.
+    #[arg(long, env = "BAKER_SEED_API_NAMESPACE")]
+    pub seed_api_namespace: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -49,6 +64,13 @@ pub enum OperatorError {
     Http(#[source] std::io::Error),
     #[error(transparent)]
     Leader(#[from] LeaderError),
+    #[error("--seed-api needs --seed-api-token-file: writes require a bearer token")]
+    NoSeedToken,
+    #[error("cannot read the seed API token file {path}: {source}")]
+    SeedToken {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 async fn shutdown_signal() {
@@ -85,7 +107,33 @@ pub async fn run(
                 addr: serve.http_addr.clone(),
                 source,
             })?;
-        let router = http::router(health.clone());
+        let mut router = http::router(health.clone());
+        if serve.seed_api {
+            let path = serve
+                .seed_api_token_file
+                .clone()
+                .ok_or(OperatorError::NoSeedToken)?;
+            let token = std::fs::read_to_string(&path)
+                .map_err(|source| OperatorError::SeedToken { path, source })?
+                .trim()
+                .to_string();
+            if token.is_empty() {
+                return Err(OperatorError::NoSeedToken);
+            }
+            let namespace = serve
+                .seed_api_namespace
+                .clone()
+                .or_else(|| config.watch_namespace.clone())
+                .or_else(|| config.bake_namespaces.first().cloned())
+                .unwrap_or_else(|| "default".into());
+            info!(namespace = %namespace, "serving the seed's HTTP API");
+            router = router.merge(seed::router(Arc::new(seed::SeedState {
+                client: client.clone(),
+                namespace,
+                token,
+                health: health.clone(),
+            })));
+        }
         Some(tokio::spawn(http::serve(addr, router)))
     };
     let server_failed = async move {
