@@ -4,7 +4,7 @@ SHELL := bash
 .DEFAULT_GOAL := help
 RIG := tests/rig/rig.sh
 
-.PHONY: help rig-up rig-down rig-status test lint fmt-check clippy fmt crds demo demo-down
+.PHONY: help rig-up rig-down rig-status test lint fmt-check clippy fmt crds chart-crds demo demo-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  %-12s %s\n", $$1, $$2 }'
@@ -32,8 +32,13 @@ clippy: ## clippy on every target, warnings as errors
 fmt: ## format the code
 	cargo fmt --all
 
-crds: ## regenerate the CRD manifests in crds/
+crds: ## regenerate the CRD manifests in crds/ and their copy in the Helm chart
 	cargo run --quiet --bin baker -- crd --dir crds
+	$(MAKE) chart-crds
+
+chart-crds: ## copy crds/ into charts/baker/crds (a test checks they match)
+	rm -f charts/baker/crds/*.yaml
+	cp crds/*.yaml charts/baker/crds/
 
 demo: ## run the demo on the rig
 	tests/rig/demo.sh

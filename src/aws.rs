@@ -151,6 +151,7 @@ impl Ec2 {
             .or_insert_with(|| {
                 let config = aws_sdk_ec2::config::Builder::from(&self.base)
                     .region(aws_sdk_ec2::config::Region::new(region.to_string()))
+                    .interceptor(CallMetrics)
                     .build();
                 aws_sdk_ec2::Client::from_conf(config)
             })
@@ -326,6 +327,32 @@ impl Ec2 {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+/// Counts every EC2 operation (after its retries) and its failures by action, in one place for
+/// all calls the operator makes.
+#[derive(Debug)]
+struct CallMetrics;
+
+impl aws_sdk_ec2::config::Intercept for CallMetrics {
+    fn name(&self) -> &'static str {
+        "baker-call-metrics"
+    }
+
+    fn read_after_execution(
+        &self,
+        context: &aws_smithy_runtime_api::client::interceptors::context::FinalizerInterceptorContextRef<'_>,
+        _runtime_components: &aws_sdk_ec2::config::RuntimeComponents,
+        cfg: &mut aws_sdk_ec2::config::ConfigBag,
+    ) -> Result<(), aws_smithy_runtime_api::box_error::BoxError> {
+        let action = cfg
+            .load::<aws_smithy_runtime_api::client::orchestrator::Metadata>()
+            .map(|m| m.name())
+            .unwrap_or("other");
+        let failed = !matches!(context.output_or_error(), Some(Ok(_)));
+        crate::metrics::global().ec2_call(action, failed);
         Ok(())
     }
 }

@@ -2,14 +2,12 @@
 //! `template render` (the Packer template a Bake would get, without a cluster).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use kube::ResourceExt;
 
 use crate::api::{self, Bake, BakeTemplate};
 use crate::aws::Ec2;
-use crate::bake::controller::{self, Context};
 use crate::config::OperatorConfig;
 use crate::packer::{self, BakeIdentity, RenderInput, ResolvedSource};
 
@@ -24,12 +22,16 @@ pub struct Cli {
     pub command: Command,
 }
 
+// Parsed once per process: the size of the `run` variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the operator against the cluster of the current kubeconfig (or in-cluster config).
     Run {
         #[command(flatten)]
         config: OperatorConfig,
+        #[command(flatten)]
+        serve: crate::operator::ServeConfig,
         /// Log format: `json` for log pipelines, `text` for people.
         #[arg(long, env = "BAKER_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
         log_format: LogFormat,
@@ -96,6 +98,8 @@ pub enum CliError {
     Yaml(#[from] serde_yaml::Error),
     #[error("cannot connect to Kubernetes: {0}")]
     Kube(#[from] kube::Error),
+    #[error(transparent)]
+    Operator(#[from] crate::operator::OperatorError),
 }
 
 fn read_manifest<T: serde::de::DeserializeOwned>(path: &Path, kind: &'static str) -> Result<T, CliError> {
@@ -215,11 +219,15 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             );
             Ok(())
         }
-        Command::Run { config, log_format } => {
+        Command::Run {
+            config,
+            serve,
+            log_format,
+        } => {
             init_tracing(log_format);
             let client = kube::Client::try_default().await?;
             let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            let catalog_ctx = Arc::new(crate::catalog::controller::Context::new(
+            let catalog_ctx = std::sync::Arc::new(crate::catalog::controller::Context::new(
                 client.clone(),
                 Ec2::new(aws.clone()),
                 config.watch_namespace.clone(),
@@ -231,10 +239,7 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
                 ec2_endpoint = config.ec2_endpoint.as_deref().unwrap_or("default"),
                 "starting the Bake and AmiCatalog controllers"
             );
-            let ctx = Arc::new(Context::new(client, ec2, config));
-            // One process, both controllers; each stops on the shutdown signal.
-            tokio::join!(controller::run(ctx), crate::catalog::controller::run(catalog_ctx));
-            Ok(())
+            Ok(crate::operator::run(client, ec2, catalog_ctx, config, serve).await?)
         }
     }
 }

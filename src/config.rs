@@ -52,6 +52,19 @@ pub struct OperatorConfig {
     /// `AWS_ENDPOINT_URL_EC2` so a local EC2-compatible endpoint serves both.
     #[arg(long, env = "AWS_ENDPOINT_URL_EC2")]
     pub ec2_endpoint: Option<String>,
+
+    /// Namespaces where bake pods (privileged, for packer's chroot builders) may run, comma
+    /// separated. A Bake elsewhere fails with reason `NamespaceNotAllowed` and no pod is created.
+    /// Unset: every namespace (the Helm chart always sets it).
+    #[arg(long, env = "BAKER_BAKE_NAMESPACES", value_delimiter = ',')]
+    pub bake_namespaces: Vec<String>,
+}
+
+impl OperatorConfig {
+    /// Whether bake pods may run in `namespace`: an empty list allows every namespace.
+    pub fn bake_namespace_allowed(&self, namespace: &str) -> bool {
+        self.bake_namespaces.is_empty() || self.bake_namespaces.iter().any(|n| n == namespace)
+    }
 }
 
 impl Default for OperatorConfig {
@@ -66,6 +79,29 @@ impl Default for OperatorConfig {
             cleanup_timeout_seconds: 300,
             watch_namespace: None,
             ec2_endpoint: None,
+            bake_namespaces: Vec::new(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_a_list_every_namespace_may_run_bake_pods() {
+        assert!(OperatorConfig::default().bake_namespace_allowed("anything"));
+    }
+
+    #[test]
+    fn with_a_list_only_its_namespaces_may_run_bake_pods() {
+        let config = OperatorConfig {
+            bake_namespaces: vec!["bakes".into(), "team-a".into()],
+            ..Default::default()
+        };
+        assert!(config.bake_namespace_allowed("bakes"));
+        assert!(config.bake_namespace_allowed("team-a"));
+        assert!(!config.bake_namespace_allowed("kube-system"));
+        assert!(!config.bake_namespace_allowed("bake"));
     }
 }

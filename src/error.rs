@@ -43,6 +43,9 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value [`Error::category`] returns, so metrics can show zeros for each.
+    pub const CATEGORIES: [&'static str; 4] = ["invalid_object", "kube_read", "kube_write", "ec2"];
+
     /// A short, bounded label for metrics and logs.
     pub fn category(&self) -> &'static str {
         match self {
@@ -62,3 +65,25 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_category_is_listed() {
+        let errors = [
+            Error::MissingField("x"),
+            Error::ListBakes(kube::Error::LinesCodecMaxLineLengthExceeded),
+            Error::PatchStatus(kube::Error::LinesCodecMaxLineLengthExceeded),
+            Error::Ec2(crate::aws::Ec2Error {
+                action: "DescribeImages",
+                code: "x".into(),
+                message: "y".into(),
+            }),
+        ];
+        for e in errors {
+            assert!(Error::CATEGORIES.contains(&e.category()), "{}", e.category());
+        }
+    }
+}

@@ -14,4 +14,9 @@ pub mod error;
 pub mod failpoint;
 #[cfg(test)]
 mod fixtures;
+pub mod http;
+pub mod leader;
+pub mod metrics;
+pub mod operator;
 pub mod packer;
+pub mod seed;

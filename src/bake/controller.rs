@@ -46,6 +46,8 @@ pub struct Context {
     pub recorder: Recorder,
     /// Held while deciding whether a Bake may launch and recording that it did.
     pub launch_lock: tokio::sync::Mutex<()>,
+    /// Cache readiness and leadership, for `/readyz` and `/metrics`.
+    pub health: Arc<crate::http::Health>,
 }
 
 impl Context {
@@ -61,6 +63,7 @@ impl Context {
             config,
             recorder,
             launch_lock: tokio::sync::Mutex::new(()),
+            health: Arc::new(crate::http::Health::default()),
         }
     }
 }
@@ -99,6 +102,7 @@ pub const FINALIZER: &str = "baker.io/cleanup";
 /// Reconciles one Bake.
 #[instrument(skip_all, fields(bake = %bake.name_any(), namespace = bake.namespace().unwrap_or_default()))]
 pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
+    crate::metrics::global().reconciles.inc();
     let has_finalizer = bake.finalizers().iter().any(|f| f == FINALIZER);
     if bake.metadata.deletion_timestamp.is_some() {
         if !has_finalizer {
@@ -191,6 +195,18 @@ fn requeue_for(reason: Reason) -> Action {
 
 async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     let spec = &b.bake.spec;
+    // Bake pods are privileged: they run only where the admin allowed them.
+    if !ctx.config.bake_namespace_allowed(&b.namespace) {
+        let t = Transition::new(
+            Reason::NamespaceNotAllowed,
+            format!(
+                "bake pods may not run in namespace {}; the operator's admin allows: {}",
+                b.namespace,
+                ctx.config.bake_namespaces.join(", ")
+            ),
+        );
+        return finish(b, ctx, t, None).await;
+    }
     let templates: Api<BakeTemplate> = Api::all(ctx.client.clone());
     let Some(template) = templates
         .get_opt(&spec.template)
@@ -684,6 +700,16 @@ async fn write_if_changed(
     let previous = b.status();
     if previous != Some(&next) {
         write_status(b, ctx, &next).await?;
+        let was_terminal = previous.and_then(|s| s.phase).is_some_and(|p| p.is_terminal());
+        if t.reason.phase().is_terminal() && !was_terminal {
+            let since = next
+                .started_at
+                .as_ref()
+                .or(b.bake.metadata.creation_timestamp.as_ref())
+                .map(|t| t.0);
+            let seconds = since.map(|s| jiff::Timestamp::now().duration_since(s).as_secs_f64());
+            crate::metrics::global().bake_finished(t.reason.phase(), t.reason.as_str(), seconds);
+        }
         let previous_reason = previous
             .and_then(|s| crate::api::conditions::find(&s.conditions, crate::api::conditions::READY))
             .map(|c| c.reason.as_str());
@@ -733,6 +759,12 @@ pub(crate) async fn publish(b: &BakeRef<'_>, ctx: &Context, type_: EventType, re
 
 fn error_policy(_bake: Arc<Bake>, error: &Error, _ctx: Arc<Context>) -> Action {
     warn!(category = error.category(), error = %error, "reconcile failed");
+    crate::metrics::global()
+        .reconcile_errors
+        .get_or_create(&crate::metrics::CategoryLabels {
+            category: error.category(),
+        })
+        .inc();
     Action::requeue(Duration::from_secs(15))
 }
 
@@ -751,6 +783,23 @@ pub async fn run(ctx: Arc<Context>) {
     let controller = Controller::new(bakes.clone(), watcher::Config::default().any_semantic());
     let store = controller.store();
     let queue_store = controller.store();
+    // Ready once the Bake cache has its first full list; `/metrics` counts phases from it.
+    let synced_store = controller.store();
+    let health = ctx.health.clone();
+    tokio::spawn(async move {
+        // The store's readiness is a oneshot that wakes only its latest waiter, and the
+        // controller's applier waits on it too: poll again now and then rather than wait once.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(250), synced_store.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    health.caches_synced(synced_store);
+                    return;
+                }
+                Ok(Err(_)) => return,
+                Err(_) => {}
+            }
+        }
+    });
     controller
         .owns(pods, watcher::Config::default().labels(&managed))
         // A Bake that ends frees a slot, or an image: the Bakes waiting for it look again at once.

@@ -28,6 +28,7 @@ pub enum Reason {
     Timeout,
     PodDeleted,
     ImageNotFound,
+    NamespaceNotAllowed,
 }
 
 impl Reason {
@@ -51,6 +52,7 @@ impl Reason {
             Reason::Timeout => "Timeout",
             Reason::PodDeleted => "PodDeleted",
             Reason::ImageNotFound => "ImageNotFound",
+            Reason::NamespaceNotAllowed => "NamespaceNotAllowed",
         }
     }
 
@@ -70,7 +72,8 @@ impl Reason {
             | Reason::PackerFailed
             | Reason::Timeout
             | Reason::PodDeleted
-            | Reason::ImageNotFound => BakePhase::Failed,
+            | Reason::ImageNotFound
+            | Reason::NamespaceNotAllowed => BakePhase::Failed,
         }
     }
 

@@ -79,7 +79,9 @@ impl Operator {
         let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_baker"));
+        // Many operators run at once: each serves HTTP on a port of its own.
         cmd.args(["run", "--log-format", "text", "--namespace", namespace])
+            .args(["--http-addr", "127.0.0.1:0"])
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .env("RUST_LOG", "info,baker=debug,kube=warn")

@@ -1,0 +1,333 @@
+//! Prometheus metrics of the operator. Every label comes from a bounded set (a Bake phase, a status
+//! reason, an error category, an EC2 API action name): never an object name, a message or an id,
+//! so the number of series stays fixed however many Bakes the cluster holds.
+
+use std::sync::LazyLock;
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::api::{Bake, BakePhase};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabels {
+    pub phase: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub phase: &'static str,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CategoryLabels {
+    pub category: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ActionLabels {
+    /// An EC2 API operation name (e.g. `DescribeImages`): the SDK's fixed set.
+    pub action: String,
+}
+
+/// Every phase, so that `baker_bakes` shows zeros rather than missing series.
+pub const PHASES: [BakePhase; 5] = [
+    BakePhase::Pending,
+    BakePhase::Queued,
+    BakePhase::Running,
+    BakePhase::Succeeded,
+    BakePhase::Failed,
+];
+
+/// Bake durations run from minutes to hours: buckets from 30 s to about 4.5 h.
+fn duration_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        30.0, 2.0, 10,
+    ))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    pub bakes: Family<PhaseLabels, Gauge>,
+    pub bakes_finished: Family<ResultLabels, Counter>,
+    pub bake_duration: Family<ResultLabels, Histogram, fn() -> Histogram>,
+    pub reconciles: Counter,
+    pub reconcile_errors: Family<CategoryLabels, Counter>,
+    pub ec2_calls: Family<ActionLabels, Counter>,
+    pub ec2_errors: Family<ActionLabels, Counter>,
+    pub queue_depth: Gauge,
+    pub catalog_images: Gauge<f64, AtomicU64>,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("baker");
+        let m = Metrics {
+            registry: Registry::default(),
+            bakes: Family::default(),
+            bakes_finished: Family::default(),
+            bake_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
+            reconciles: Counter::default(),
+            reconcile_errors: Family::default(),
+            ec2_calls: Family::default(),
+            ec2_errors: Family::default(),
+            queue_depth: Gauge::default(),
+            catalog_images: Gauge::default(),
+            leader: Gauge::default(),
+        };
+        registry.register(
+            "bakes",
+            "Bakes in the operator's scope, by phase",
+            m.bakes.clone(),
+        );
+        registry.register(
+            "bakes_finished",
+            "Bakes that reached a terminal phase, by phase and reason",
+            m.bakes_finished.clone(),
+        );
+        registry.register(
+            "bake_duration_seconds",
+            "Seconds from a Bake's start to its terminal phase, by phase and reason",
+            m.bake_duration.clone(),
+        );
+        registry.register("reconciles", "Reconciliations of Bakes", m.reconciles.clone());
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciliations of Bakes, by error category",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "ec2_calls",
+            "EC2 API calls made by the operator, by action",
+            m.ec2_calls.clone(),
+        );
+        registry.register(
+            "ec2_errors",
+            "EC2 API calls that failed, by action",
+            m.ec2_errors.clone(),
+        );
+        registry.register(
+            "queue_depth",
+            "Bakes waiting in phase Queued",
+            m.queue_depth.clone(),
+        );
+        registry.register(
+            "catalog_images",
+            "Images listed in AmiCatalog statuses",
+            m.catalog_images.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this process holds the leader lease (or runs without leader election)",
+            m.leader.clone(),
+        );
+        for category in crate::error::Error::CATEGORIES {
+            m.reconcile_errors
+                .get_or_create(&CategoryLabels { category })
+                .get();
+        }
+        for phase in PHASES {
+            m.bakes
+                .get_or_create(&PhaseLabels {
+                    phase: phase.as_str(),
+                })
+                .set(0);
+        }
+        Metrics { registry, ..m }
+    }
+
+    /// The Prometheus text format of every metric.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Sets the phase gauges and the queue depth from the Bakes the controller sees.
+    pub fn observe_bakes<'a>(&self, bakes: impl IntoIterator<Item = &'a Bake>) {
+        let counts = count_phases(bakes);
+        for (phase, n) in PHASES.iter().zip(counts) {
+            self.bakes
+                .get_or_create(&PhaseLabels {
+                    phase: phase.as_str(),
+                })
+                .set(n);
+        }
+        self.queue_depth.set(counts[1]);
+    }
+
+    /// Records a Bake reaching a terminal phase after `seconds`.
+    pub fn bake_finished(&self, phase: BakePhase, reason: &'static str, seconds: Option<f64>) {
+        let labels = ResultLabels {
+            phase: phase.as_str(),
+            reason,
+        };
+        self.bakes_finished.get_or_create(&labels).inc();
+        if let Some(s) = seconds {
+            self.bake_duration.get_or_create(&labels).observe(s.max(0.0));
+        }
+    }
+
+    /// Records one EC2 call, and whether it failed.
+    pub fn ec2_call(&self, action: &str, failed: bool) {
+        let labels = ActionLabels {
+            action: bounded_action(action),
+        };
+        self.ec2_calls.get_or_create(&labels).inc();
+        if failed {
+            self.ec2_errors.get_or_create(&labels).inc();
+        }
+    }
+}
+
+/// Bakes per phase, in the order of [`PHASES`]; a Bake without a phase yet counts as Pending.
+pub fn count_phases<'a>(bakes: impl IntoIterator<Item = &'a Bake>) -> [i64; 5] {
+    let mut counts = [0i64; 5];
+    for bake in bakes {
+        let phase = bake.phase().unwrap_or(BakePhase::Pending);
+        if let Some(i) = PHASES.iter().position(|p| *p == phase) {
+            counts[i] += 1;
+        }
+    }
+    counts
+}
+
+/// An EC2 action name as a label: the SDK's operation names are a fixed set of identifiers;
+/// anything else (which should not happen) collapses into `other`.
+pub fn bounded_action(action: &str) -> String {
+    if !action.is_empty() && action.len() <= 64 && action.chars().all(|c| c.is_ascii_alphanumeric()) {
+        action.to_string()
+    } else {
+        "other".to_string()
+    }
+}
+
+/// The process's metrics; the EC2 interceptor and the controller record here.
+pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
+
+pub fn global() -> &'static Metrics {
+    &METRICS
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bake(phase: Option<BakePhase>) -> Bake {
+        let mut b = Bake::new(
+            "b",
+            serde_json::from_value(serde_json::json!({
+                "template": "t", "service": "s", "version": "1", "virtualizationType": "hvm"
+            }))
+            .unwrap(),
+        );
+        b.status = Some(crate::api::BakeStatus {
+            phase,
+            ..Default::default()
+        });
+        b
+    }
+
+    #[test]
+    fn renders_every_phase_with_zero_before_any_bake() {
+        let text = Metrics::new().render();
+        for phase in ["Pending", "Queued", "Running", "Succeeded", "Failed"] {
+            assert!(
+                text.contains(&format!("baker_bakes{{phase=\"{phase}\"}} 0")),
+                "{phase} missing in:\n{text}"
+            );
+        }
+        assert!(text.contains("# TYPE baker_queue_depth gauge"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn counts_bakes_by_phase_and_queue_depth() {
+        let m = Metrics::new();
+        let bakes = [
+            bake(None),
+            bake(Some(BakePhase::Queued)),
+            bake(Some(BakePhase::Queued)),
+            bake(Some(BakePhase::Succeeded)),
+        ];
+        m.observe_bakes(bakes.iter());
+        let text = m.render();
+        assert!(text.contains("baker_bakes{phase=\"Pending\"} 1"), "{text}");
+        assert!(text.contains("baker_bakes{phase=\"Queued\"} 2"), "{text}");
+        assert!(text.contains("baker_bakes{phase=\"Succeeded\"} 1"), "{text}");
+        assert!(text.contains("baker_queue_depth 2"), "{text}");
+    }
+
+    #[test]
+    fn a_finished_bake_counts_its_result_and_observes_its_duration() {
+        let m = Metrics::new();
+        m.bake_finished(BakePhase::Succeeded, "Succeeded", Some(90.0));
+        let text = m.render();
+        assert!(
+            text.contains("baker_bakes_finished_total{phase=\"Succeeded\",reason=\"Succeeded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("baker_bake_duration_seconds_count{phase=\"Succeeded\",reason=\"Succeeded\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "baker_bake_duration_seconds_bucket{le=\"120.0\",phase=\"Succeeded\",reason=\"Succeeded\"} 1"
+            ),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn ec2_calls_and_errors_are_labelled_by_action_only() {
+        let m = Metrics::new();
+        m.ec2_call("DescribeImages", false);
+        m.ec2_call("DescribeImages", true);
+        m.ec2_call("ami-123 /weird", true);
+        let text = m.render();
+        assert!(
+            text.contains("baker_ec2_calls_total{action=\"DescribeImages\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("baker_ec2_errors_total{action=\"DescribeImages\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("baker_ec2_errors_total{action=\"other\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("ami-123"), "{text}");
+    }
+
+    #[test]
+    fn reconcile_errors_are_labelled_by_category() {
+        let m = Metrics::new();
+        let e = crate::error::Error::MissingField("metadata.uid");
+        m.reconcile_errors
+            .get_or_create(&CategoryLabels {
+                category: e.category(),
+            })
+            .inc();
+        let text = m.render();
+        assert!(
+            text.contains("baker_reconcile_errors_total{category=\"invalid_object\"} 1"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! `baker run`: the HTTP server, leader election and the Bake controller, wired together.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use tracing::{error, info};
+
+use crate::aws::Ec2;
+use crate::bake::controller::{self, Context};
+use crate::config::OperatorConfig;
+use crate::http::{self, Health, Role};
+use crate::leader::{self, LeaderElector, LeaderError};
+use crate::seed;
+
+/// Settings of the process around the controllers: HTTP and leader election.
+#[derive(Args, Clone, Debug, PartialEq, Eq)]
+pub struct ServeConfig {
+    /// Address of the HTTP server (`/healthz`, `/readyz`, `/metrics`). Empty: no server.
+    #[arg(long, env = "BAKER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    pub http_addr: String,
+
+    /// Reconcile only while holding a Lease, so that of several replicas exactly one works.
+    #[arg(long, env = "BAKER_LEADER_ELECTION")]
+    pub leader_election: bool,
+
+    /// Name of the Lease.
+    #[arg(long, env = "BAKER_LEADER_ELECTION_NAME", default_value = "baker")]
+    pub leader_election_name: String,
+
+    /// Namespace of the Lease. Unset: the pod's namespace (`POD_NAMESPACE`), else the watched
+    /// namespace, else `default`.
+    #[arg(long, env = "BAKER_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+
+    /// Seconds a standby waits, seeing the Lease unrenewed, before it takes over.
+    #[arg(long, env = "BAKER_LEADER_ELECTION_LEASE_SECONDS", default_value_t = 15)]
+    pub leader_election_lease_seconds: u64,
+
+    /// Serve the seed's HTTP API (`/ping`, `/healthcheck`, `/status`, `/amis`, `POST /bake/...`)
+    /// on the HTTP server.
+    #[arg(long, env = "BAKER_SEED_API")]
+    pub seed_api: bool,
+
+    /// File holding the bearer token `POST /bake` requires (the chart mounts a Secret there).
+    #[arg(long, env = "BAKER_SEED_API_TOKEN_FILE")]
+    pub seed_api_token_file: Option<std::path::PathBuf>,
+
+    /// Namespace where `POST /bake` creates Bakes. Unset: the watched namespace, else the first of
+    /// `--bake-namespaces`, else `default`.
+    #[arg(long, env = "BAKER_SEED_API_NAMESPACE")]
+    pub seed_api_namespace: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("invalid --http-addr {addr:?}: {source}")]
+    HttpAddr {
+        addr: String,
+        source: std::net::AddrParseError,
+    },
+    #[error("the HTTP server failed: {0}")]
+    Http(#[source] std::io::Error),
+    #[error(transparent)]
+    Leader(#[from] LeaderError),
+    #[error("--seed-api needs --seed-api-token-file: writes require a bearer token")]
+    NoSeedToken,
+    #[error("cannot read the seed API token file {path}: {source}")]
+    SeedToken {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+/// Runs the operator until a shutdown signal, or until it loses the leader lease (an error: the
+/// process exits and Kubernetes restarts it as a standby).
+pub async fn run(
+    client: kube::Client,
+    ec2: Ec2,
+    catalogs: Arc<crate::catalog::controller::Context>,
+    config: OperatorConfig,
+    serve: ServeConfig,
+) -> Result<(), OperatorError> {
+    let health = Arc::new(Health::default());
+    let server = if serve.http_addr.is_empty() {
+        None
+    } else {
+        let addr: SocketAddr = serve
+            .http_addr
+            .parse()
+            .map_err(|source| OperatorError::HttpAddr {
+                addr: serve.http_addr.clone(),
+                source,
+            })?;
+        let mut router = http::router(health.clone());
+        if serve.seed_api {
+            let path = serve
+                .seed_api_token_file
+                .clone()
+                .ok_or(OperatorError::NoSeedToken)?;
+            let token = std::fs::read_to_string(&path)
+                .map_err(|source| OperatorError::SeedToken { path, source })?
+                .trim()
+                .to_string();
+            if token.is_empty() {
+                return Err(OperatorError::NoSeedToken);
+            }
+            let namespace = serve
+                .seed_api_namespace
+                .clone()
+                .or_else(|| config.watch_namespace.clone())
+                .or_else(|| config.bake_namespaces.first().cloned())
+                .unwrap_or_else(|| "default".into());
+            info!(namespace = %namespace, "serving the seed's HTTP API");
+            router = router.merge(seed::router(Arc::new(seed::SeedState {
+                client: client.clone(),
+                namespace,
+                token,
+                health: health.clone(),
+            })));
+        }
+        Some(tokio::spawn(http::serve(addr, router)))
+    };
+    let server_failed = async move {
+        match server {
+            Some(handle) => match handle.await {
+                Ok(Err(e)) => OperatorError::Http(e),
+                _ => OperatorError::Http(std::io::Error::other("the HTTP server stopped")),
+            },
+            None => std::future::pending().await,
+        }
+    };
+
+    let watch_namespace = config.watch_namespace.clone();
+    let mut ctx = Context::new(client.clone(), ec2, config);
+    ctx.health = health.clone();
+    let ctx = Arc::new(ctx);
+
+    if !serve.leader_election {
+        health.set_role(Role::Single);
+        return tokio::select! {
+            _ = run_controllers(ctx, catalogs) => Ok(()),
+            e = server_failed => Err(e),
+        };
+    }
+
+    let namespace = serve
+        .leader_election_namespace
+        .clone()
+        .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
+        .or(watch_namespace)
+        .unwrap_or_else(|| "default".into());
+    let mut elector = LeaderElector::new(
+        client,
+        &namespace,
+        &serve.leader_election_name,
+        leader::default_identity(),
+        Duration::from_secs(serve.leader_election_lease_seconds.max(1)),
+    );
+    health.set_role(Role::Undecided);
+    info!(lease = %serve.leader_election_name, namespace = %namespace, identity = %elector.identity(), "leader election on");
+    tokio::pin!(server_failed);
+    tokio::select! {
+        _ = elector.acquire(&health) => {}
+        _ = shutdown_signal() => return Ok(()),
+        e = &mut server_failed => return Err(e),
+    }
+    info!(identity = %elector.identity(), "leading: starting the controllers");
+    tokio::select! {
+        _ = run_controllers(ctx, catalogs) => {
+            elector.release().await;
+            Ok(())
+        }
+        lost = elector.keep() => {
+            error!(error = %lost, "stopping: lost the leader lease");
+            Err(lost.into())
+        }
+        e = &mut server_failed => Err(e),
+    }
+}
+
+/// Both controllers in one process; each stops on the shutdown signal.
+async fn run_controllers(bakes: Arc<Context>, catalogs: Arc<crate::catalog::controller::Context>) {
+    tokio::join!(controller::run(bakes), crate::catalog::controller::run(catalogs));
+}

@@ -1,0 +1,515 @@
+//! The seed's HTTP API, served by the operator when `--seed-api` is on: `GET /ping`,
+//! `GET /healthcheck`, `GET /status`, `GET /amis`, `GET /amis/{service}` and
+//! `POST /bake/{template}/{service}/{version}/{virtualizationType}`, which creates a Bake and
+//! streams its packer output, then a final line with the phase and the AMI id.
+//!
+//! Writes need `Authorization: Bearer <token>`; the token is read from a file (the chart mounts a
+//! Secret there) and never logged. A client that disconnects stops only its stream: the Bake
+//! goes on.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use futures::{AsyncBufReadExt, StreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, LogParams, ObjectMeta, PostParams};
+use kube::{Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::api::bake::{BakeSpec, VirtualizationType};
+use crate::api::catalog::{AmiCatalog, CatalogImage};
+use crate::api::{Bake, BakePhase};
+use crate::http::Health;
+
+/// How many images `GET /amis/{service}` lists.
+pub const SERVICE_IMAGES: usize = 10;
+
+pub struct SeedState {
+    pub client: Client,
+    /// Where `POST /bake` creates Bakes.
+    pub namespace: String,
+    pub token: String,
+    pub health: Arc<Health>,
+}
+
+/// A request error: HTTP status, the field at fault (if any) and a message.
+#[derive(Debug, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub field: Option<&'static str>,
+    pub message: String,
+}
+
+impl ApiError {
+    fn field(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            field: Some(field),
+            message: message.into(),
+        }
+    }
+
+    fn internal(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::INTERNAL_SERVER_ERROR,
+            field: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = match self.field {
+            Some(f) => json!({ "error": self.message, "field": f }),
+            None => json!({ "error": self.message }),
+        };
+        (self.status, axum::Json(body)).into_response()
+    }
+}
+
+fn dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+/// The Bake a `POST /bake/...` asks for, checked field by field with the CRD's rules.
+pub fn parse_bake_request(
+    template: &str,
+    service: &str,
+    version: &str,
+    virt: &str,
+) -> Result<BakeSpec, ApiError> {
+    let template_ok = !template.is_empty()
+        && template.len() <= 253
+        && template
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !template.starts_with(['-', '.'])
+        && !template.ends_with(['-', '.']);
+    if !template_ok {
+        return Err(ApiError::field(
+            "template",
+            "template must name a BakeTemplate: lowercase letters, digits, '-' and '.'",
+        ));
+    }
+    if !dns_label(service) {
+        return Err(ApiError::field(
+            "service",
+            "service must be a DNS-1123 label: lowercase letters, digits and '-'",
+        ));
+    }
+    let version_ok = !version.is_empty()
+        && version.len() <= 64
+        && version.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && version
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._+~-".contains(c));
+    if !version_ok {
+        return Err(ApiError::field(
+            "version",
+            "version must be a package version: letters, digits, '.', '_', '+', '~' and '-'",
+        ));
+    }
+    let virtualization_type = match virt {
+        "hvm" => VirtualizationType::Hvm,
+        "paravirtual" => VirtualizationType::Paravirtual,
+        _ => {
+            return Err(ApiError::field(
+                "virtualizationType",
+                "virtualizationType must be hvm or paravirtual",
+            ));
+        }
+    };
+    Ok(BakeSpec {
+        template: template.to_string(),
+        service: service.to_string(),
+        version: version.to_string(),
+        virtualization_type,
+        rebake: false,
+        deregister_image_on_delete: false,
+    })
+}
+
+/// The prefix of a Bake created through the API: service and version, as a DNS name, leaving room
+/// for the generated suffix under the 63-character limit of a Bake's name.
+pub fn bake_name_prefix(service: &str, version: &str) -> String {
+    let version: String = version
+        .to_ascii_lowercase()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '.' || c == '-' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let mut prefix = format!("{service}-{version}");
+    prefix.truncate(50);
+    let trimmed = prefix.trim_end_matches(['-', '.']).to_string();
+    format!("{trimmed}-")
+}
+
+/// Whether an `Authorization` header carries the token; compares in constant time.
+pub fn authorized(header: Option<&str>, token: &str) -> bool {
+    let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+        return false;
+    };
+    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
+    if a.len() != b.len() || token.is_empty() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The newest `n` images of a service across catalogs, without duplicates.
+pub fn service_images(catalogs: &[AmiCatalog], service: &str, n: usize) -> Vec<CatalogImage> {
+    let mut seen = std::collections::BTreeSet::new();
+    let mut images: Vec<CatalogImage> = catalogs
+        .iter()
+        .flat_map(|c| {
+            let catalog_service = c.spec.service.clone();
+            c.status
+                .iter()
+                .flat_map(|s| s.images.iter())
+                .filter(move |i| i.service.as_deref().or(catalog_service.as_deref()) == Some(service))
+                .cloned()
+                .collect::<Vec<_>>()
+        })
+        .filter(|i| seen.insert(i.image_id.clone()))
+        .collect();
+    // ISO 8601 dates sort as strings; images without one go last.
+    images.sort_by(|a, b| b.creation_date.cmp(&a.creation_date));
+    images.truncate(n);
+    images
+}
+
+async fn ping() -> &'static str {
+    "pong"
+}
+
+async fn healthcheck(State(s): State<Arc<SeedState>>) -> Response {
+    let ready = s.health.ready();
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::INTERNAL_SERVER_ERROR
+    };
+    let body = json!({ "healthy": ready, "cachesSynced": s.health.synced() });
+    (code, axum::Json(body)).into_response()
+}
+
+async fn status(State(s): State<Arc<SeedState>>) -> Response {
+    let mut bakes = BTreeMap::new();
+    if let Some(store) = s.health.bakes() {
+        let state = store.state();
+        let counts = crate::metrics::count_phases(state.iter().map(|b| b.as_ref()));
+        for (phase, n) in crate::metrics::PHASES.iter().zip(counts) {
+            bakes.insert(phase.as_str(), n);
+        }
+    }
+    let body = json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "role": format!("{:?}", s.health.role()),
+        "ready": s.health.ready(),
+        "bakeNamespace": s.namespace,
+        "bakes": bakes,
+    });
+    axum::Json(body).into_response()
+}
+
+async fn catalogs(client: &Client) -> Result<Vec<AmiCatalog>, ApiError> {
+    let api: Api<AmiCatalog> = Api::all(client.clone());
+    api.list(&Default::default())
+        .await
+        .map(|l| l.items)
+        .map_err(|e| ApiError::internal(format!("listing AmiCatalogs failed: {e}")))
+}
+
+async fn amis(State(s): State<Arc<SeedState>>) -> Result<Response, ApiError> {
+    let catalogs = catalogs(&s.client).await?;
+    let latest: Vec<_> = catalogs
+        .iter()
+        .map(|c| {
+            json!({
+                "catalog": c.name_any(),
+                "namespace": c.namespace(),
+                "latest": c.status.as_ref().and_then(|s| s.latest.clone()),
+            })
+        })
+        .collect();
+    Ok(axum::Json(json!({ "catalogs": latest })).into_response())
+}
+
+async fn amis_for_service(
+    State(s): State<Arc<SeedState>>,
+    Path(service): Path<String>,
+) -> Result<Response, ApiError> {
+    if !dns_label(&service) {
+        return Err(ApiError::field(
+            "service",
+            "service must be a DNS-1123 label: lowercase letters, digits and '-'",
+        ));
+    }
+    let catalogs = catalogs(&s.client).await?;
+    let images = service_images(&catalogs, &service, SERVICE_IMAGES);
+    Ok(axum::Json(json!({ "service": service, "images": images })).into_response())
+}
+
+async fn bake(
+    State(s): State<Arc<SeedState>>,
+    headers: HeaderMap,
+    Path((template, service, version, virt)): Path<(String, String, String, String)>,
+) -> Result<Response, ApiError> {
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if !authorized(auth, &s.token) {
+        return Err(ApiError {
+            status: StatusCode::UNAUTHORIZED,
+            field: Some("Authorization"),
+            message: "a bearer token is required to bake".into(),
+        });
+    }
+    let spec = parse_bake_request(&template, &service, &version, &virt)?;
+    let bake = Bake {
+        metadata: ObjectMeta {
+            generate_name: Some(bake_name_prefix(&service, &version)),
+            namespace: Some(s.namespace.clone()),
+            ..Default::default()
+        },
+        spec,
+        status: None,
+    };
+    let api: Api<Bake> = Api::namespaced(s.client.clone(), &s.namespace);
+    let created = api
+        .create(&PostParams::default(), &bake)
+        .await
+        .map_err(|e| match e {
+            kube::Error::Api(status) if status.code == 422 || status.code == 400 => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                field: None,
+                message: status.message,
+            },
+            e => ApiError::internal(format!("creating the Bake failed: {e}")),
+        })?;
+    let name = created.name_any();
+    tracing::info!(bake = %name, namespace = %s.namespace, "Bake created through the HTTP API");
+    let (tx, rx) = mpsc::channel::<String>(64);
+    tokio::spawn(follow(s.clone(), name, tx));
+    let stream = futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|line| (Ok::<_, std::convert::Infallible>(line), rx))
+    });
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        Body::from_stream(stream),
+    )
+        .into_response())
+}
+
+/// Streams a Bake's packer output to `tx`, then its final phase and AMI. Returns early, leaving
+/// the Bake alone, when the client has gone.
+async fn follow(s: Arc<SeedState>, name: String, tx: mpsc::Sender<String>) {
+    let bakes: Api<Bake> = Api::namespaced(s.client.clone(), &s.namespace);
+    let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.namespace);
+    if tx
+        .send(format!("bake {}/{name} created\n", s.namespace))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let poll = Duration::from_secs(1);
+    let mut streamed = false;
+    let final_bake = loop {
+        if tx.is_closed() {
+            return;
+        }
+        let bake = match bakes.get_opt(&name).await {
+            Ok(Some(b)) => b,
+            Ok(None) => {
+                let _ = tx.send(format!("bake {name} was deleted\n")).await;
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, bake = %name, "reading the Bake failed");
+                tokio::time::sleep(poll).await;
+                continue;
+            }
+        };
+        if bake.phase().is_some_and(|p| p.is_terminal()) {
+            break bake;
+        }
+        let pod_name = bake.status.as_ref().and_then(|st| st.pod_name.clone());
+        if let (false, Some(pod_name)) = (streamed, pod_name) {
+            let started = pods
+                .get_opt(&pod_name)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|p| p.status.and_then(|st| st.phase))
+                .is_some_and(|phase| phase != "Pending");
+            if started {
+                streamed = true;
+                let params = LogParams {
+                    follow: true,
+                    ..Default::default()
+                };
+                match pods.log_stream(&pod_name, &params).await {
+                    Ok(reader) => {
+                        let mut lines = reader.lines();
+                        while let Some(Ok(line)) = lines.next().await {
+                            if tx.send(format!("{line}\n")).await.is_err() {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx.send(format!("cannot follow the bake pod's log: {e}\n")).await;
+                    }
+                }
+                continue;
+            }
+        }
+        tokio::time::sleep(poll).await;
+    };
+    let status = final_bake.status.unwrap_or_default();
+    let phase = status.phase.unwrap_or(BakePhase::Failed);
+    let mut last = format!("phase={}", phase.as_str());
+    if let Some(ami) = status.ami_id {
+        last.push_str(&format!(" amiId={ami}"));
+    }
+    if phase != BakePhase::Succeeded
+        && let Some(m) = status.message
+    {
+        last.push_str(&format!(" message={m:?}"));
+    }
+    let _ = tx.send(format!("{last}\n")).await;
+}
+
+/// The routes of the seed's API.
+pub fn router(state: Arc<SeedState>) -> Router {
+    Router::new()
+        .route("/ping", get(ping))
+        .route("/healthcheck", get(healthcheck))
+        .route("/status", get(status))
+        .route("/amis", get(amis))
+        .route("/amis/{service}", get(amis_for_service))
+        .route(
+            "/bake/{template}/{service}/{version}/{virtualization_type}",
+            post(bake),
+        )
+        .with_state(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_valid_request_becomes_a_bake_spec() {
+        let spec = parse_bake_request("ebs-example", "simple-service", "1.0.4", "hvm").unwrap();
+        assert_eq!(spec.service, "simple-service");
+        assert_eq!(spec.virtualization_type, VirtualizationType::Hvm);
+    }
+
+    #[test]
+    fn each_bad_value_is_refused_naming_its_field() {
+        let field = |r: Result<BakeSpec, ApiError>| r.unwrap_err().field;
+        assert_eq!(
+            field(parse_bake_request("Bad_T", "s", "1", "hvm")),
+            Some("template")
+        );
+        assert_eq!(
+            field(parse_bake_request("t", "Simple_Service", "1", "hvm")),
+            Some("service")
+        );
+        assert_eq!(
+            field(parse_bake_request("t", "s", "1.0;rm", "hvm")),
+            Some("version")
+        );
+        assert_eq!(field(parse_bake_request("t", "s", "-1", "hvm")), Some("version"));
+        assert_eq!(
+            field(parse_bake_request("t", "s", "1", "xen")),
+            Some("virtualizationType")
+        );
+    }
+
+    #[test]
+    fn only_the_exact_bearer_token_authorizes() {
+        assert!(authorized(Some("Bearer s3cret"), "s3cret"));
+        assert!(!authorized(Some("Bearer s3cre"), "s3cret"));
+        assert!(!authorized(Some("s3cret"), "s3cret"));
+        assert!(!authorized(None, "s3cret"));
+        assert!(!authorized(Some("Bearer "), ""));
+    }
+
+    #[test]
+    fn bake_names_are_dns_names_with_room_for_a_suffix() {
+        assert_eq!(
+            bake_name_prefix("simple-service", "1.0.4"),
+            "simple-service-1.0.4-"
+        );
+        assert_eq!(bake_name_prefix("svc", "1.0+Build_7"), "svc-1.0-build-7-");
+        assert!(bake_name_prefix(&"s".repeat(63), "1.0").len() <= 51);
+    }
+
+    fn catalog(service: Option<&str>, images: &[(&str, &str, Option<&str>)]) -> AmiCatalog {
+        let mut c = AmiCatalog::new(
+            "c",
+            serde_json::from_value(json!({ "region": "us-east-1", "service": service })).unwrap(),
+        );
+        c.status = Some(crate::api::catalog::AmiCatalogStatus {
+            images: images
+                .iter()
+                .map(|(id, date, svc)| CatalogImage {
+                    image_id: id.to_string(),
+                    creation_date: Some(date.to_string()),
+                    service: svc.map(String::from),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        });
+        c
+    }
+
+    #[test]
+    fn service_images_are_the_newest_first_without_duplicates_and_at_most_n() {
+        let a = catalog(
+            None,
+            &[
+                ("ami-1", "2026-01-01T00:00:00Z", Some("svc")),
+                ("ami-2", "2026-03-01T00:00:00Z", Some("svc")),
+                ("ami-x", "2026-04-01T00:00:00Z", Some("other")),
+            ],
+        );
+        let b = catalog(
+            Some("svc"),
+            &[
+                ("ami-3", "2026-02-01T00:00:00Z", None),
+                ("ami-2", "2026-03-01T00:00:00Z", None),
+            ],
+        );
+        let ids: Vec<_> = service_images(&[a.clone(), b.clone()], "svc", 10)
+            .into_iter()
+            .map(|i| i.image_id)
+            .collect();
+        assert_eq!(ids, ["ami-2", "ami-3", "ami-1"]);
+        assert_eq!(service_images(&[a, b], "svc", 2).len(), 2);
+    }
+}
