@@ -15,7 +15,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
@@ -783,23 +783,22 @@ pub async fn run(ctx: Arc<Context>) {
     let controller = Controller::new(bakes.clone(), watcher::Config::default().any_semantic());
     let store = controller.store();
     let queue_store = controller.store();
-    // Ready once the Bake cache has its first full list; `/metrics` counts phases from it.
-    let synced_store = controller.store();
+    // Readiness and the phase gauges come from a Bake watch of their own: waiting on the
+    // controller's store (`wait_until_ready`) would steal the wake-up of the controller's own
+    // waiter, since that readiness signal wakes only its latest waiter.
+    let (health_store, writer) = kube::runtime::reflector::store::<Bake>();
     let health = ctx.health.clone();
-    tokio::spawn(async move {
-        // The store's readiness is a oneshot that wakes only its latest waiter, and the
-        // controller's applier waits on it too: poll again now and then rather than wait once.
-        loop {
-            match tokio::time::timeout(Duration::from_millis(250), synced_store.wait_until_ready()).await {
-                Ok(Ok(())) => {
-                    health.caches_synced(synced_store);
-                    return;
-                }
-                Ok(Err(_)) => return,
-                Err(_) => {}
-            }
+    let health_watch = kube::runtime::reflector(
+        writer,
+        watcher(bakes.clone(), watcher::Config::default().any_semantic()).default_backoff(),
+    )
+    .for_each(move |event| {
+        if let Ok(watcher::Event::InitDone) = event {
+            health.caches_synced(health_store.clone());
         }
+        futures::future::ready(())
     });
+    let health_task = tokio::spawn(health_watch);
     controller
         .owns(pods, watcher::Config::default().labels(&managed))
         // A Bake that ends frees a slot, or an image: the Bakes waiting for it look again at once.
@@ -834,4 +833,5 @@ pub async fn run(ctx: Arc<Context>) {
             }
         })
         .await;
+    health_task.abort();
 }
