@@ -4,7 +4,7 @@ SHELL := bash
 .DEFAULT_GOAL := help
 RIG := tests/rig/rig.sh
 
-.PHONY: help rig-up rig-down rig-status test lint fmt-check clippy fmt crds chart-crds demo demo-down
+.PHONY: help rig-up rig-down rig-status test lint fmt-check clippy fmt crds chart-crds demo demo-down demo-two-pass demo-two-pass-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  %-12s %s\n", $$1, $$2 }'
@@ -45,3 +45,9 @@ demo: ## run the demo on the rig
 
 demo-down: ## stop the demo
 	tests/rig/demo.sh down
+
+demo-two-pass: ## two-pass baking on the rig: a base image, its catalog, a service baked from a catalog
+	tests/rig/demo-two-pass.sh
+
+demo-two-pass-down: ## stop the two-pass demo's operator
+	tests/rig/demo-two-pass.sh down
