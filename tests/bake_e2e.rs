@@ -4,16 +4,13 @@
 mod bake_support;
 mod support;
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use anyhow::Result;
 use bake_support::*;
 use baker::api::{Bake, BakePhase, keys};
-use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 use support::{TestNamespace, rig};
 
 const BAKE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -178,22 +175,7 @@ async fn operator_killed_while_packer_runs_ends_with_one_pod_and_one_ami() -> Re
     .await?;
 
     // Count every bake pod the namespace ever sees.
-    let pods: Api<Pod> = ns.api();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-    let seen_in_watch = seen.clone();
-    let watch = tokio::spawn(async move {
-        let stream = watcher(
-            pods,
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=baker"),
-        )
-        .applied_objects();
-        futures::pin_mut!(stream);
-        while let Ok(Some(pod)) = stream.try_next().await {
-            if let Ok(mut set) = seen_in_watch.lock() {
-                set.insert(pod.uid().unwrap_or_default());
-            }
-        }
-    });
+    let watch = PodWatch::start(ns.api());
 
     let mut operator = Operator::start(rig, ns.name()).await?;
     create_bake(&ns, &bake_yaml("slow-1.0.0", &template, "slow", "1.0.0", "hvm")).await?;
@@ -211,9 +193,7 @@ async fn operator_killed_while_packer_runs_ends_with_one_pod_and_one_ami() -> Re
     assert_eq!(images.len(), 1, "one AMI");
     let pod = ns.api::<Pod>().get(pod_name).await?;
     assert_eq!(bake.status.as_ref().and_then(|s| s.pod_uid.clone()), pod.uid());
-    let seen = seen.lock().map(|s| s.len()).unwrap_or_default();
-    assert_eq!(seen, 1, "one bake pod ever existed");
-    watch.abort();
+    assert_eq!(watch.pods_seen(), 1, "one bake pod ever existed");
     drop(proxy);
     finish(ns).await
 }

@@ -4,19 +4,15 @@
 mod bake_support;
 mod support;
 
-use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Result, ensure};
 use aws_sdk_ec2::types::Filter;
 use bake_support::*;
 use baker::api::{Bake, BakePhase, keys};
-use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
 use kube::api::DeleteParams;
-use kube::runtime::{WatchStreamExt, watcher};
-use kube::{Api, ResourceExt};
 use support::{rig, try_wait_until, wait_deleted};
 
 const BAKE_TIMEOUT: Duration = Duration::from_secs(180);
@@ -33,64 +29,6 @@ async fn images_tagged(ec2: &aws_sdk_ec2::Client, key: &str, value: &str) -> Res
         .iter()
         .filter_map(|i| i.image_id().map(str::to_string))
         .collect())
-}
-
-/// Records, for the bake pods of a namespace, the order they were first seen in and the most
-/// that were unfinished at once.
-struct PodWatch {
-    order: Arc<Mutex<Vec<String>>>,
-    max_active: Arc<Mutex<usize>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl PodWatch {
-    fn start(pods: Api<Pod>) -> PodWatch {
-        let order = Arc::new(Mutex::new(Vec::new()));
-        let max_active = Arc::new(Mutex::new(0));
-        let (o, m) = (order.clone(), max_active.clone());
-        let task = tokio::spawn(async move {
-            let mut active: BTreeMap<String, bool> = BTreeMap::new();
-            let stream = watcher(
-                pods,
-                watcher::Config::default().labels("app.kubernetes.io/managed-by=baker"),
-            )
-            .applied_objects();
-            futures::pin_mut!(stream);
-            while let Ok(Some(pod)) = stream.try_next().await {
-                let name = pod.name_any();
-                let done = matches!(support::pod_phase(&pod), Some("Succeeded" | "Failed"));
-                if let Ok(mut order) = o.lock()
-                    && !order.contains(&name)
-                {
-                    order.push(name.clone());
-                }
-                active.insert(name, !done);
-                let now = active.values().filter(|a| **a).count();
-                if let Ok(mut max) = m.lock() {
-                    *max = (*max).max(now);
-                }
-            }
-        });
-        PodWatch {
-            order,
-            max_active,
-            task,
-        }
-    }
-
-    fn order(&self) -> Vec<String> {
-        self.order.lock().map(|o| o.clone()).unwrap_or_default()
-    }
-
-    fn max_active(&self) -> usize {
-        self.max_active.lock().map(|m| *m).unwrap_or_default()
-    }
-}
-
-impl Drop for PodWatch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

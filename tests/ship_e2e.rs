@@ -11,11 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use bake_support::*;
 use baker::api::{Bake, BakePhase};
-use futures::TryStreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::events::v1::Event;
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, ResourceExt};
 use ship_support::*;
 use support::{rig, try_wait_until};
@@ -153,22 +151,7 @@ async fn of_two_replicas_one_reconciles_and_the_standby_takes_over_a_running_bak
     )
     .await?;
 
-    let pods: Api<Pod> = ns.api();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(BTreeSet::new()));
-    let seen_in_watch = seen.clone();
-    let watch = tokio::spawn(async move {
-        let stream = watcher(
-            pods,
-            watcher::Config::default().labels("app.kubernetes.io/managed-by=baker"),
-        )
-        .applied_objects();
-        futures::pin_mut!(stream);
-        while let Ok(Some(pod)) = stream.try_next().await {
-            if let Ok(mut set) = seen_in_watch.lock() {
-                set.insert(pod.uid().unwrap_or_default());
-            }
-        }
-    });
+    let watch = PodWatch::start(ns.api());
 
     let lease_seconds = "6";
     let args = [
@@ -241,12 +224,10 @@ async fn of_two_replicas_one_reconciles_and_the_standby_takes_over_a_running_bak
         .send()
         .await?;
     assert_eq!(images.images().len(), 1, "one AMI");
-    let seen = seen.lock().map(|s| s.len()).unwrap_or_default();
-    assert_eq!(seen, 1, "one bake pod ever existed");
+    assert_eq!(watch.pods_seen(), 1, "one bake pod ever existed");
     // Created by replica-a, taken over once by replica-b.
     let transitions = leases.get("baker").await?.spec.and_then(|s| s.lease_transitions);
     assert_eq!(transitions, Some(1));
-    watch.abort();
     drop(proxy);
     let result = finish(ns).await;
     drop(second);

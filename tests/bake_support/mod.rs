@@ -3,13 +3,17 @@
 //! endpoint to make a bake last long enough to act on it.
 #![allow(dead_code)]
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use baker::api::{Bake, BakePhase, BakeTemplate};
-use k8s_openapi::api::core::v1::Secret;
+use futures::TryStreamExt;
+use k8s_openapi::api::core::v1::{Pod, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -399,4 +403,73 @@ pub async fn namespace(rig: &Rig, client: &Client, prefix: &str) -> Result<TestN
     let ns = TestNamespace::new(client, prefix).await?;
     create_credentials_secret(rig, &ns).await?;
     Ok(ns)
+}
+
+/// Records, for the bake pods of a namespace, every pod (by UID) ever seen, the order their names
+/// were first seen in, and the most that were unfinished at once.
+pub struct PodWatch {
+    order: Arc<Mutex<Vec<String>>>,
+    uids: Arc<Mutex<BTreeSet<String>>>,
+    max_active: Arc<Mutex<usize>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PodWatch {
+    pub fn start(pods: Api<Pod>) -> PodWatch {
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let uids = Arc::new(Mutex::new(BTreeSet::new()));
+        let max_active = Arc::new(Mutex::new(0));
+        let (o, u, m) = (order.clone(), uids.clone(), max_active.clone());
+        let task = tokio::spawn(async move {
+            let mut active: BTreeMap<String, bool> = BTreeMap::new();
+            let stream = watcher(
+                pods,
+                watcher::Config::default().labels("app.kubernetes.io/managed-by=baker"),
+            )
+            .applied_objects();
+            futures::pin_mut!(stream);
+            while let Ok(Some(pod)) = stream.try_next().await {
+                let name = pod.name_any();
+                if let Ok(mut uids) = u.lock() {
+                    uids.insert(pod.uid().unwrap_or_default());
+                }
+                let done = matches!(crate::support::pod_phase(&pod), Some("Succeeded" | "Failed"));
+                if let Ok(mut order) = o.lock()
+                    && !order.contains(&name)
+                {
+                    order.push(name.clone());
+                }
+                active.insert(name, !done);
+                let now = active.values().filter(|a| **a).count();
+                if let Ok(mut max) = m.lock() {
+                    *max = (*max).max(now);
+                }
+            }
+        });
+        PodWatch {
+            order,
+            uids,
+            max_active,
+            task,
+        }
+    }
+
+    pub fn order(&self) -> Vec<String> {
+        self.order.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+
+    /// How many distinct bake pods (by UID) ever existed.
+    pub fn pods_seen(&self) -> usize {
+        self.uids.lock().map(|u| u.len()).unwrap_or_default()
+    }
+
+    pub fn max_active(&self) -> usize {
+        self.max_active.lock().map(|m| *m).unwrap_or_default()
+    }
+}
+
+impl Drop for PodWatch {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }
