@@ -11,19 +11,8 @@ demo_dir="$rig_dir/demo"
 ns=baker-demo
 bake=simple-service-1.0.4
 
-say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
-
-stop_operator() {
-	if [ -f "$demo_dir/operator.pid" ]; then
-		local pid; pid=$(cat "$demo_dir/operator.pid")
-		if kill -0 "$pid" 2>/dev/null; then
-			kill "$pid" 2>/dev/null || true
-			for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-			kill -9 "$pid" 2>/dev/null || true
-		fi
-		rm -f "$demo_dir/operator.pid"
-	fi
-}
+# shellcheck source=tests/rig/demo-lib.sh
+source "$root/tests/rig/demo-lib.sh"
 
 if [ "${1:-up}" = down ]; then
 	stop_operator
