@@ -12,7 +12,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use kube::runtime::reflector::Store;
 
-use crate::api::Bake;
+use crate::api::{AmiCatalog, Bake};
 
 /// What this process is doing with respect to the leader lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,6 +54,7 @@ pub struct Health {
     synced: AtomicBool,
     role: AtomicU8,
     bakes: OnceLock<Store<Bake>>,
+    catalogs: OnceLock<Store<AmiCatalog>>,
 }
 
 impl Default for Health {
@@ -62,6 +63,7 @@ impl Default for Health {
             synced: AtomicBool::new(false),
             role: AtomicU8::new(Role::Single as u8),
             bakes: OnceLock::new(),
+            catalogs: OnceLock::new(),
         }
     }
 }
@@ -70,6 +72,11 @@ impl Health {
     pub fn caches_synced(&self, bakes: Store<Bake>) {
         let _ = self.bakes.set(bakes);
         self.synced.store(true, Ordering::SeqCst);
+    }
+
+    /// The AmiCatalog controller's cache, read when `/metrics` is scraped.
+    pub fn catalogs_watched(&self, catalogs: Store<AmiCatalog>) {
+        let _ = self.catalogs.set(catalogs);
     }
 
     pub fn set_role(&self, role: Role) {
@@ -119,6 +126,9 @@ async fn metrics(State(health): State<Arc<Health>>) -> Response {
     if let Some(store) = health.bakes() {
         let bakes = store.state();
         m.observe_bakes(bakes.iter().map(|b| b.as_ref()));
+    }
+    if let Some(store) = health.catalogs.get() {
+        m.observe_catalogs(store.state().iter().map(|c| c.as_ref()));
     }
     (
         [(

@@ -3,7 +3,6 @@
 //! so the number of series stays fixed however many Bakes the cluster holds.
 
 use std::sync::LazyLock;
-use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -12,7 +11,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::api::{Bake, BakePhase};
+use crate::api::{AmiCatalog, Bake, BakePhase};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabels {
@@ -62,7 +61,7 @@ pub struct Metrics {
     pub ec2_calls: Family<ActionLabels, Counter>,
     pub ec2_errors: Family<ActionLabels, Counter>,
     pub queue_depth: Gauge,
-    pub catalog_images: Gauge<f64, AtomicU64>,
+    pub catalog_images: Gauge,
     pub leader: Gauge,
 }
 
@@ -170,6 +169,12 @@ impl Metrics {
         self.queue_depth.set(counts[1]);
     }
 
+    /// Sets the catalog size from the AmiCatalogs the controller sees: the images their statuses
+    /// list, summed.
+    pub fn observe_catalogs<'a>(&self, catalogs: impl IntoIterator<Item = &'a AmiCatalog>) {
+        self.catalog_images.set(catalog_images(catalogs));
+    }
+
     /// Records a Bake reaching a terminal phase after `seconds`.
     pub fn bake_finished(&self, phase: BakePhase, reason: &'static str, seconds: Option<f64>) {
         let labels = ResultLabels {
@@ -192,6 +197,15 @@ impl Metrics {
             self.ec2_errors.get_or_create(&labels).inc();
         }
     }
+}
+
+/// Images listed across catalog statuses (`status.count`, else the length of `status.images`).
+pub fn catalog_images<'a>(catalogs: impl IntoIterator<Item = &'a AmiCatalog>) -> i64 {
+    catalogs
+        .into_iter()
+        .filter_map(|c| c.status.as_ref())
+        .map(|s| s.count.map_or(s.images.len() as i64, i64::from))
+        .sum()
 }
 
 /// Bakes per phase, in the order of [`PHASES`]; a Bake without a phase yet counts as Pending.
@@ -253,6 +267,36 @@ mod tests {
         }
         assert!(text.contains("# TYPE baker_queue_depth gauge"), "{text}");
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn catalog_images_sums_the_images_every_catalog_status_lists() {
+        let catalog = |count: Option<i32>, images: usize| {
+            let mut c: AmiCatalog = serde_json::from_value(serde_json::json!({
+                "apiVersion": "baker.io/v1alpha1", "kind": "AmiCatalog",
+                "metadata": {"name": "c"}, "spec": {"region": "us-east-1"}
+            }))
+            .unwrap();
+            c.status = Some(crate::api::catalog::AmiCatalogStatus {
+                count,
+                images: (0..images)
+                    .map(|i| crate::api::catalog::CatalogImage {
+                        image_id: format!("ami-{i}"),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            });
+            c
+        };
+        let mut never_synced = catalog(None, 0);
+        never_synced.status = None;
+        let catalogs = [catalog(Some(3), 3), catalog(None, 2), never_synced];
+        let m = Metrics::new();
+        m.observe_catalogs(catalogs.iter());
+        assert!(m.render().contains("baker_catalog_images 5\n"), "{}", m.render());
+        m.observe_catalogs([]);
+        assert!(m.render().contains("baker_catalog_images 0\n"));
     }
 
     #[test]

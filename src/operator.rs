@@ -197,5 +197,9 @@ pub async fn run(
 
 /// Both controllers in one process; each stops on the shutdown signal.
 async fn run_controllers(bakes: Arc<Context>, catalogs: Arc<crate::catalog::controller::Context>) {
-    tokio::join!(controller::run(bakes), crate::catalog::controller::run(catalogs));
+    let health = bakes.health.clone();
+    tokio::join!(
+        controller::run(bakes),
+        crate::catalog::controller::run(catalogs, health)
+    );
 }

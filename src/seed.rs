@@ -351,10 +351,17 @@ async fn follow(s: Arc<SeedState>, name: String, tx: mpsc::Sender<String>) {
                 continue;
             }
         };
+        let pod_name = bake.status.as_ref().and_then(|st| st.pod_name.clone());
         if bake.phase().is_some_and(|p| p.is_terminal()) {
+            // A bake quicker than the poll ended before its log was followed: its pod, kept
+            // until the Bake goes, still has the whole log.
+            if let (false, Some(pod_name)) = (streamed, pod_name)
+                && !stream_log(&pods, &pod_name, false, &tx).await
+            {
+                return;
+            }
             break bake;
         }
-        let pod_name = bake.status.as_ref().and_then(|st| st.pod_name.clone());
         if let (false, Some(pod_name)) = (streamed, pod_name) {
             let started = pods
                 .get_opt(&pod_name)
@@ -365,22 +372,8 @@ async fn follow(s: Arc<SeedState>, name: String, tx: mpsc::Sender<String>) {
                 .is_some_and(|phase| phase != "Pending");
             if started {
                 streamed = true;
-                let params = LogParams {
-                    follow: true,
-                    ..Default::default()
-                };
-                match pods.log_stream(&pod_name, &params).await {
-                    Ok(reader) => {
-                        let mut lines = reader.lines();
-                        while let Some(Ok(line)) = lines.next().await {
-                            if tx.send(format!("{line}\n")).await.is_err() {
-                                return;
-                            }
-                        }
-                    }
-                    Err(e) => {
-                        let _ = tx.send(format!("cannot follow the bake pod's log: {e}\n")).await;
-                    }
+                if !stream_log(&pods, &pod_name, true, &tx).await {
+                    return;
                 }
                 continue;
             }
@@ -399,6 +392,31 @@ async fn follow(s: Arc<SeedState>, name: String, tx: mpsc::Sender<String>) {
         last.push_str(&format!(" message={m:?}"));
     }
     let _ = tx.send(format!("{last}\n")).await;
+}
+
+/// Sends a pod's log to `tx` line by line, following it while the pod runs if `follow`.
+/// Returns false when the client has gone.
+async fn stream_log(pods: &Api<Pod>, pod: &str, follow: bool, tx: &mpsc::Sender<String>) -> bool {
+    let params = LogParams {
+        follow,
+        ..Default::default()
+    };
+    match pods.log_stream(pod, &params).await {
+        Ok(reader) => {
+            let mut lines = reader.lines();
+            while let Some(Ok(line)) = lines.next().await {
+                if tx.send(format!("{line}\n")).await.is_err() {
+                    return false;
+                }
+            }
+            true
+        }
+        // The pod may be gone already (deleted with a timed-out Bake, say): say so and go on.
+        Err(e) => tx
+            .send(format!("cannot read the bake pod's log: {e}\n"))
+            .await
+            .is_ok(),
+    }
 }
 
 /// The routes of the seed's API.

@@ -1,17 +1,23 @@
 //! The Helm chart `charts/baker`: it lints and renders cleanly, its CRDs are the generated ones,
 //! its RBAC is least privilege (checked with `kubectl auth can-i` on the rig), and an operator
-//! authenticated only with the chart's ServiceAccount token bakes an image end to end.
+//! authenticated only with the chart's ServiceAccount token, run as the chart's Deployment
+//! specifies, bakes an image end to end (two of them: one leads, the other stands by).
 
 mod bake_support;
 mod ship_support;
 mod support;
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use bake_support::*;
 use baker::api::{Bake, BakePhase};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::PostParams;
 use serde::Deserialize;
 use ship_support::*;
 use support::{CmdOutput, Rig, TestNamespace, rig};
@@ -56,6 +62,45 @@ fn chart_crds_are_the_generated_crds_byte_for_byte() -> Result<()> {
             name.to_string_lossy()
         );
     }
+    Ok(())
+}
+
+/// The value of `ARG name=value` (or `FROM image:value` for a `FROM` prefix) in a Dockerfile.
+fn dockerfile_value(text: &str, prefix: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix(prefix))
+        .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+}
+
+#[test]
+fn chart_defaults_and_dockerfiles_pin_the_same_versions_as_the_crate() -> Result<()> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let chart: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml"))?)?;
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml"))?)?;
+    let bake = std::fs::read_to_string(root.join("images/bake.Dockerfile"))?;
+    let operator = std::fs::read_to_string(root.join("images/operator.Dockerfile"))?;
+
+    // The operator image's default tag is the chart's appVersion: the crate's version.
+    assert_eq!(
+        chart["appVersion"].as_str(),
+        Some(env!("CARGO_PKG_VERSION")),
+        "Chart.yaml appVersion"
+    );
+    // It is built with the crate's minimum Rust.
+    assert_eq!(
+        dockerfile_value(&operator, "FROM docker.io/library/rust:").as_deref(),
+        Some(format!("{}-bookworm", env!("CARGO_PKG_RUST_VERSION")).as_str()),
+        "images/operator.Dockerfile build stage"
+    );
+    // The default bake image's tag names the Packer the bake Dockerfile pins.
+    let packer = dockerfile_value(&bake, "ARG PACKER_VERSION=").context("PACKER_VERSION")?;
+    let bake_image = values["bakeImage"].as_str().context("values.yaml bakeImage")?;
+    assert!(
+        bake_image.ends_with(&format!(":packer-{packer}")),
+        "values.yaml bakeImage {bake_image} is not the bake image of Packer {packer}"
+    );
     Ok(())
 }
 
@@ -147,8 +192,11 @@ async fn can_i(rig: &Rig, who: &str, args: &[&str]) -> Result<bool> {
     Ok(out.stdout.trim() == "yes")
 }
 
+/// The Secret, in the release namespace, the chart's `aws.operatorCredentialsSecret` names.
+const OPERATOR_AWS_SECRET: &str = "operator-aws";
+
 #[tokio::test(flavor = "multi_thread")]
-async fn operator_with_only_the_chart_service_account_token_bakes_and_cannot_reach_beyond_its_grants()
+async fn two_operators_run_as_the_chart_deployment_says_with_only_its_service_account_token_one_bakes()
 -> Result<()> {
     let rig = rig();
     let client = rig.client().await?;
@@ -157,32 +205,52 @@ async fn operator_with_only_the_chart_service_account_token_bakes_and_cannot_rea
     let release_ns = TestNamespace::new(&client, "chart-rel").await?;
     let other_ns = TestNamespace::new(&client, "chart-other").await?;
     let release = release_ns.name().to_string();
-    let install = helm(
-        rig,
-        [
-            "install",
-            &release,
-            &chart_dir().to_string_lossy(),
-            "--namespace",
-            &release,
-            "--set",
-            "replicaCount=0",
-            "--set",
-            "createBakeNamespaces=false",
-            "--set",
-            &format!("bakeNamespaces={{{}}}", bake_ns.name()),
-            "--wait",
-            "--timeout",
-            "60s",
-        ],
-    )
-    .await?;
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": OPERATOR_AWS_SECRET},
+        "stringData": {
+            "AWS_ACCESS_KEY_ID": rig.var("AWS_ACCESS_KEY_ID"),
+            "AWS_SECRET_ACCESS_KEY": rig.var("AWS_SECRET_ACCESS_KEY"),
+        }
+    }))?;
+    release_ns
+        .api::<Secret>()
+        .create(&PostParams::default(), &secret)
+        .await?;
+    let set = [
+        // The rig's node runs pods as host processes and cannot run the operator image: the
+        // test starts the Deployment's container itself, twice, from the installed pod template.
+        "replicaCount=0".to_string(),
+        "createBakeNamespaces=false".to_string(),
+        format!("bakeNamespaces={{{}}}", bake_ns.name()),
+        // Only this test's namespace: other tests run their own operators beside it.
+        format!("watchNamespace={}", bake_ns.name()),
+        format!("aws.region={}", rig.region()),
+        format!("aws.ec2Endpoint={}", rig.ec2_endpoint()),
+        format!("aws.credentialsSecret={CREDENTIALS_SECRET}"),
+        format!("aws.operatorCredentialsSecret={OPERATOR_AWS_SECRET}"),
+        "leaderElection.leaseSeconds=6".to_string(),
+    ];
+    let mut args = vec![
+        "install".to_string(),
+        release.clone(),
+        chart_dir().to_string_lossy().to_string(),
+        "--namespace".into(),
+        release.clone(),
+        "--wait".into(),
+        "--timeout".into(),
+        "60s".into(),
+    ];
+    for s in set {
+        args.extend(["--set".to_string(), s]);
+    }
+    let install = helm(rig, &args).await?;
     let result =
         match check_installed(rig, &client, &bake_ns, &release_ns, &other_ns, &release, install).await {
-            // The Bakes go while the operator still runs, so their cleanup finalizers are honoured.
-            Ok(operator) => {
+            // The Bakes go while the operators still run, so their cleanup finalizers are honoured.
+            Ok(operators) => {
                 let finished = finish(bake_ns).await;
-                drop(operator);
+                drop(operators);
                 finished
             }
             Err(e) => Err(e),
@@ -201,7 +269,7 @@ async fn check_installed(
     other_ns: &TestNamespace,
     release: &str,
     install: CmdOutput,
-) -> Result<Baker> {
+) -> Result<Vec<Baker>> {
     install.ok()?;
     let fullname = format!("{release}-baker");
     let sa = format!("system:serviceaccount:{}:{fullname}", release_ns.name());
@@ -250,7 +318,8 @@ async fn check_installed(
     assert!(!can_i(rig, &sa, &["delete", "bakes.baker.io", "-n", other]).await?);
     assert!(!can_i(rig, &sa, &["create", "clusterroles"]).await?);
 
-    // A token of the chart's ServiceAccount (TokenRequest), and an operator using only it.
+    // A token of the chart's ServiceAccount (TokenRequest), and two operators using only it, each
+    // run as the installed Deployment's operator container would be.
     let token = rig
         .kubectl(["create", "token", &fullname, "-n", release_n, "--duration", "1h"])
         .await?
@@ -260,26 +329,35 @@ async fn check_installed(
         .to_string();
     let dir = tempfile::tempdir()?;
     let kubeconfig = kubeconfig_with_token(rig, &token, dir.path())?;
-    let operator = Baker::start(
-        rig,
-        "chart-sa",
-        bakes,
-        &kubeconfig,
-        &[
-            "--leader-election",
-            "--leader-election-namespace",
-            release_n,
-            "--leader-election-name",
-            &fullname,
-            "--bake-namespaces",
-            bakes,
-        ],
-        &[],
-    )
-    .await?;
-    wait_for_status(&operator.http, "/readyz", 200, Duration::from_secs(60))
-        .await
-        .with_context(|| operator.log())?;
+    let deployment = release_ns.api::<Deployment>().get(&fullname).await?;
+    let container = deployment
+        .spec
+        .template
+        .spec
+        .and_then(|p| p.containers.into_iter().find(|c| c.name == "operator"))
+        .context("the Deployment has no operator container")?;
+    let secrets = release_ns.api::<Secret>();
+    let mut operators = Vec::new();
+    for replica in ["a", "b"] {
+        let pod = format!("{fullname}-{replica}");
+        let operator =
+            Baker::start_as_container(rig, &pod, release_n, &container, &secrets, &kubeconfig).await?;
+        wait_for_status(&operator.http, "/readyz", 200, Duration::from_secs(60))
+            .await
+            .with_context(|| operator.log())?;
+        operators.push((pod, operator));
+    }
+    let leases = release_ns.api::<Lease>();
+    let leader = leases
+        .get(&fullname)
+        .await?
+        .spec
+        .and_then(|s| s.holder_identity)
+        .context("no lease holder")?;
+    assert!(
+        operators.iter().any(|(pod, _)| *pod == leader),
+        "lease held by {leader}"
+    );
 
     let template = format!("{}-ebs", bakes);
     apply_template(client, &rig_template(&template, "")).await?;
@@ -288,6 +366,12 @@ async fn check_installed(
         &bake_yaml("chart-1.0.0", &template, "chart", "1.0.0", "hvm"),
     )
     .await?;
+    let logs = || {
+        operators
+            .iter()
+            .map(|(pod, o)| format!("--- {pod}\n{}", o.log()))
+            .collect::<String>()
+    };
     let bake = wait_for_phase(
         &bake_ns.api::<Bake>(),
         "chart-1.0.0",
@@ -295,8 +379,23 @@ async fn check_installed(
         BAKE_TIMEOUT,
     )
     .await
-    .with_context(|| operator.log())?;
+    .with_context(logs)?;
     assert!(bake.status.and_then(|s| s.ami_id).is_some());
-    assert!(!operator.log().contains("403"), "{}", operator.log());
-    Ok(operator)
+    for (pod, operator) in &operators {
+        let log = operator.log();
+        assert!(!log.contains("403"), "{pod}:\n{log}");
+        // The chart asks for JSON logs: every line is one JSON object.
+        for line in log.lines().filter(|l| !l.trim().is_empty()) {
+            serde_json::from_str::<serde_json::Value>(line)
+                .with_context(|| format!("{pod}: not a JSON log line: {line}"))?;
+        }
+        // Only the lease holder reconciled.
+        assert_eq!(
+            log.contains("launched bake pod"),
+            *pod == leader,
+            "{pod} (leader {leader}):\n{log}"
+        );
+    }
+    assert_eq!(event_reporters(bake_ns).await?, BTreeSet::from([leader.clone()]));
+    Ok(operators.into_iter().map(|(_, o)| o).collect())
 }

@@ -46,6 +46,16 @@ async fn post_bake_with_the_token_streams_packer_output_and_ends_with_the_ami_id
     let ns = namespace(rig, &client, "seed-bake").await?;
     let template = format!("{}-ebs", ns.name());
     apply_template(&client, &rig_template(&template, "")).await?;
+    // A catalog of the service, refreshed hourly: only a succeeded Bake makes it list the image
+    // in time.
+    let catalog: AmiCatalog = serde_json::from_value(serde_json::json!({
+        "apiVersion": "baker.io/v1alpha1", "kind": "AmiCatalog",
+        "metadata": {"name": "simple-service"},
+        "spec": {"region": rig.region(), "service": "simple-service", "refreshIntervalSeconds": 3600}
+    }))?;
+    ns.api::<AmiCatalog>()
+        .create(&PostParams::default(), &catalog)
+        .await?;
     let dir = tempfile::tempdir()?;
     let operator = start(rig, ns.name(), dir.path()).await?;
     let http = operator.http.clone();
@@ -107,8 +117,25 @@ async fn post_bake_with_the_token_streams_packer_output_and_ends_with_the_ami_id
     assert!(!streamed.body.contains(TOKEN), "the token leaked into the stream");
     let bakes = ns.api::<Bake>().list(&Default::default()).await?.items;
     assert_eq!(bakes.len(), 1);
-    assert_eq!(bakes[0].status.as_ref().and_then(|s| s.ami_id.clone()), Some(ami));
+    assert_eq!(
+        bakes[0].status.as_ref().and_then(|s| s.ami_id.clone()),
+        Some(ami.clone())
+    );
     assert!(!operator.log().contains(TOKEN), "the token leaked into the log");
+
+    // The live AmiCatalog controller lists the new image (a succeeded Bake refreshes the catalogs
+    // of its service at once), and `GET /amis/simple-service` serves it from there.
+    try_wait_until(
+        Duration::from_secs(60),
+        "GET /amis/simple-service to list the baked image",
+        || async {
+            let r = get(&http, "/amis/simple-service").await?;
+            Ok((r.status == 200 && r.body.contains(&ami)).then_some(()))
+        },
+    )
+    .await?;
+    let listed = json(&get(&http, "/amis/simple-service").await?.body);
+    assert_eq!(listed["service"], "simple-service", "{listed}");
     finish(ns).await
 }
 

@@ -264,7 +264,7 @@ fn error_policy(_catalog: Arc<AmiCatalog>, error: &Error, _ctx: Arc<Context>) ->
 }
 
 /// Runs the AmiCatalog controller until a shutdown signal.
-pub async fn run(ctx: Arc<Context>) {
+pub async fn run(ctx: Arc<Context>, health: Arc<crate::http::Health>) {
     let client = ctx.client.clone();
     let (catalogs, bakes): (Api<AmiCatalog>, Api<Bake>) = match &ctx.watch_namespace {
         Some(ns) => (
@@ -275,6 +275,7 @@ pub async fn run(ctx: Arc<Context>) {
     };
     let controller = Controller::new(catalogs, watcher::Config::default().any_semantic());
     let store = controller.store();
+    health.catalogs_watched(controller.store());
     let trigger = ctx.clone();
     controller
         // A Bake that succeeds refreshes the catalogs its image may belong to, without waiting

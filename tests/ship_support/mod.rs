@@ -7,12 +7,15 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::{Container, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::Api;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
 use crate::bake_support::CREDENTIALS_SECRET;
-use crate::support::{Rig, try_wait_until};
+use crate::support::{Rig, TestNamespace, try_wait_until};
 
 /// A free TCP port on 127.0.0.1 (bound, then released for the process under test).
 pub async fn free_port() -> Result<u16> {
@@ -114,14 +117,8 @@ impl Baker {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Baker> {
-        let log_dir = rig.dir().join("logs/tests");
-        std::fs::create_dir_all(&log_dir)?;
-        let log = log_dir.join(format!("operator-{namespace}-{name}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        let err = out.try_clone()?;
         let http = format!("127.0.0.1:{}", free_port().await?);
-        let mut cmd = Command::new(baker_bin());
-        cmd.args([
+        let mut full = vec![
             "run",
             "--log-format",
             "text",
@@ -129,17 +126,13 @@ impl Baker {
             namespace,
             "--http-addr",
             &http,
-        ])
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("RUST_LOG", "info,baker=debug,kube=warn")
-        .env("BAKER_AWS_CREDENTIALS_SECRET", CREDENTIALS_SECRET)
-        .env("POD_NAME", name)
-        .stdin(Stdio::null())
-        .stdout(out)
-        .stderr(err)
-        .kill_on_drop(true);
+        ];
+        full.extend_from_slice(args);
+        let mut vars: Vec<(String, String)> = vec![
+            ("RUST_LOG".into(), "info,baker=debug,kube=warn".into()),
+            ("BAKER_AWS_CREDENTIALS_SECRET".into(), CREDENTIALS_SECRET.into()),
+            ("POD_NAME".into(), name.into()),
+        ];
         for key in [
             "AWS_ENDPOINT_URL_EC2",
             "AWS_REGION",
@@ -147,10 +140,90 @@ impl Baker {
             "AWS_ACCESS_KEY_ID",
             "AWS_SECRET_ACCESS_KEY",
         ] {
-            cmd.env(key, rig.var(key));
+            vars.push((key.into(), rig.var(key).to_string()));
         }
-        cmd.env("KUBECONFIG", kubeconfig).envs(env.iter().copied());
-        let child = cmd.spawn().context("starting baker run")?;
+        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        Self::spawn(
+            rig,
+            &format!("{namespace}-{name}"),
+            &full,
+            vars,
+            kubeconfig,
+            http.clone(),
+        )
+    }
+
+    /// Starts `baker` as `container` of a pod named `pod` in `namespace` would run: the
+    /// container's args, and its environment with field and Secret references resolved as the
+    /// kubelet would resolve them. Two things differ from a pod, because these are host
+    /// processes: the HTTP server listens on a free loopback port (a pod has its own network
+    /// namespace), and the API server is reached through `kubeconfig` rather than in-cluster.
+    pub async fn start_as_container(
+        rig: &Rig,
+        pod: &str,
+        namespace: &str,
+        container: &Container,
+        secrets: &Api<Secret>,
+        kubeconfig: &Path,
+    ) -> Result<Baker> {
+        if container.volume_mounts.as_ref().is_some_and(|m| !m.is_empty()) {
+            bail!("{pod}: volume mounts are not emulated for host processes");
+        }
+        let http = format!("127.0.0.1:{}", free_port().await?);
+        let mut vars = Vec::new();
+        for var in container.env.iter().flatten() {
+            let value = match (&var.value, &var.value_from) {
+                (Some(v), None) => v.clone(),
+                (None, Some(from)) => match (&from.field_ref, &from.secret_key_ref) {
+                    (Some(f), None) if f.field_path == "metadata.name" => pod.to_string(),
+                    (Some(f), None) if f.field_path == "metadata.namespace" => namespace.to_string(),
+                    (None, Some(r)) => {
+                        let secret = secrets.get(&r.name).await?;
+                        let bytes = secret
+                            .data
+                            .and_then(|d| d.get(&r.key).cloned())
+                            .with_context(|| format!("{}: no key {}", r.name, r.key))?;
+                        String::from_utf8(bytes.0)?
+                    }
+                    _ => bail!("{pod}: env {} has a source not emulated here", var.name),
+                },
+                _ => String::new(),
+            };
+            vars.push((var.name.clone(), value));
+        }
+        vars.push(("BAKER_HTTP_ADDR".into(), http.clone()));
+        let mut args: Vec<&str> = container.command.iter().flatten().map(String::as_str).collect();
+        args.extend(container.args.iter().flatten().map(String::as_str));
+        Self::spawn(rig, pod, &args, vars, kubeconfig, http)
+    }
+
+    /// Runs the `baker` binary with `args` and only the environment `vars` (plus PATH and
+    /// KUBECONFIG), logging to the rig's test log directory.
+    fn spawn(
+        rig: &Rig,
+        log_name: &str,
+        args: &[&str],
+        vars: Vec<(String, String)>,
+        kubeconfig: &Path,
+        http: String,
+    ) -> Result<Baker> {
+        let log_dir = rig.dir().join("logs/tests");
+        std::fs::create_dir_all(&log_dir)?;
+        let log = log_dir.join(format!("operator-{log_name}.log"));
+        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let err = out.try_clone()?;
+        let child = Command::new(baker_bin())
+            .args(args)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(vars)
+            .env("KUBECONFIG", kubeconfig)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting baker")?;
         Ok(Baker {
             child: Some(child),
             log,
@@ -221,4 +294,17 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
         let (name, value) = l.rsplit_once(' ')?;
         (name == series).then(|| value.parse().ok())?
     })
+}
+
+/// The instances (`POD_NAME`s) of Baker that reported Events in a namespace: which replicas acted.
+pub async fn event_reporters(ns: &TestNamespace) -> Result<std::collections::BTreeSet<String>> {
+    Ok(ns
+        .api::<Event>()
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|e| e.reporting_controller.as_deref() == Some("baker"))
+        .filter_map(|e| e.reporting_instance)
+        .collect())
 }
