@@ -15,3 +15,14 @@ stop_operator() {
 		rm -f "$demo_dir/operator.pid"
 	fi
 }
+
+# The demo talks to the operator's HTTP API with curl: install it (Debian) when it is missing.
+ensure_curl() {
+	command -v curl >/dev/null && return 0
+	say "Installing curl"
+	local sudo=()
+	[ "$(id -u)" = 0 ] || sudo=(sudo)
+	"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+		"${sudo[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq curl >/dev/null ||
+		{ echo "could not install curl; run: sudo apt-get install curl" >&2; exit 1; }
+}

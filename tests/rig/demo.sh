@@ -45,6 +45,7 @@ kubectl -n "$ns" create secret generic aws-credentials \
 say "Applying examples/rig/catalog.yaml (the AmiCatalog of simple-service)"
 kubectl -n "$ns" apply -f examples/rig/catalog.yaml
 
+ensure_curl
 say "Starting the operator with its HTTP API (log: $demo_dir/operator.log)"
 mkdir -p "$demo_dir"
 stop_operator
@@ -93,7 +94,7 @@ for _ in $(seq 100); do
 	grep -q "$ami" <<<"$listed" && break
 	sleep 0.2
 done
-jq . <<<"$listed"
+python3 -m json.tool <<<"$listed"
 kubectl -n "$ns" get amicatalogs
 
 say "GET /metrics (the baker_ series)"
