@@ -43,7 +43,11 @@ impl Ec2Error {
                     format!("{e:?}")
                 },
             ),
-            other => ("RequestFailed".to_string(), other.to_string()),
+            // The whole chain: the top level alone ("failed to construct request") hides why.
+            other => (
+                "RequestFailed".to_string(),
+                aws_sdk_ec2::error::DisplayErrorContext(other).to_string(),
+            ),
         };
         Ec2Error {
             action,

@@ -176,7 +176,10 @@ fn init_tracing(format: LogFormat) {
     use tracing_subscriber::{EnvFilter, fmt};
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn,aws=warn"));
-    let builder = fmt().with_env_filter(filter);
+    // Colours only for a person at a terminal: never escape codes in a file or a log pipeline.
+    let builder = fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     // A second initialisation (tests) is harmless; ignore it.
     let _ = match format {
         LogFormat::Json => builder

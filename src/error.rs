@@ -17,6 +17,9 @@ pub enum Error {
     #[error("reading the bake pod failed: {0}")]
     GetPod(#[source] kube::Error),
 
+    #[error("reading the Bake failed: {0}")]
+    GetBake(#[source] kube::Error),
+
     #[error("creating the template ConfigMap failed: {0}")]
     CreateConfigMap(#[source] kube::Error),
 
@@ -50,9 +53,11 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::MissingField(_) => "invalid_object",
-            Error::GetTemplate(_) | Error::GetCatalog(_) | Error::GetPod(_) | Error::ListBakes(_) => {
-                "kube_read"
-            }
+            Error::GetTemplate(_)
+            | Error::GetCatalog(_)
+            | Error::GetPod(_)
+            | Error::GetBake(_)
+            | Error::ListBakes(_) => "kube_read",
             Error::CreateConfigMap(_)
             | Error::CreatePod(_)
             | Error::PatchStatus(_)

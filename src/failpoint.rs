@@ -1,6 +1,7 @@
 //! Failpoints: named places where the operator can be made to stop dead, so that tests can prove
-//! a crash at that exact moment loses nothing. Inactive unless `BAKER_FAILPOINTS` names them
-//! (comma-separated); never set it in production.
+//! a crash at that exact moment loses nothing, or to lag, so that they can prove a slow watch
+//! loses nothing either. Inactive unless `BAKER_FAILPOINTS` names them (comma-separated); never
+//! set it in production.
 
 use std::sync::OnceLock;
 
@@ -8,6 +9,10 @@ use std::sync::OnceLock;
 pub const LAUNCH_RECORDED: &str = "launch-recorded";
 /// The bake pod has ended; the Bake's final status is not written yet.
 pub const BEFORE_FINAL_STATUS: &str = "before-final-status";
+
+/// Every Bake watch event reaches the cache this much later (pod events do not): the reconciler
+/// sees Bakes older than its own writes.
+pub const BAKE_CACHE_LAG: &str = "bake-cache-lag";
 
 fn active() -> &'static [String] {
     static ACTIVE: OnceLock<Vec<String>> = OnceLock::new();
@@ -25,8 +30,13 @@ fn active() -> &'static [String] {
 
 /// Exits the process at once if the failpoint is active (as a crash or a SIGKILL would).
 pub fn hit(name: &str) {
-    if active().iter().any(|a| a == name) {
+    if is_active(name) {
         tracing::error!(failpoint = name, "failpoint hit: exiting");
         std::process::exit(86);
     }
+}
+
+/// Whether a failpoint is active.
+pub fn is_active(name: &str) -> bool {
+    active().iter().any(|a| a == name)
 }

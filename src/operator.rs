@@ -9,6 +9,7 @@ use tracing::{error, info};
 
 use crate::aws::Ec2;
 use crate::bake::controller::{self, Context};
+use crate::bake::watch::SharedBakes;
 use crate::config::OperatorConfig;
 use crate::http::{self, Health, Role};
 use crate::leader::{self, LeaderElector, LeaderError};
@@ -195,11 +196,20 @@ pub async fn run(
     }
 }
 
-/// Both controllers in one process; each stops on the shutdown signal.
+/// Both controllers in one process, on one shared watch of Bakes; each stops on the shutdown
+/// signal, and the watch with them.
 async fn run_controllers(bakes: Arc<Context>, catalogs: Arc<crate::catalog::controller::Context>) {
     let health = bakes.health.clone();
-    tokio::join!(
-        controller::run(bakes),
-        crate::catalog::controller::run(catalogs, health)
-    );
+    let api: kube::Api<crate::api::Bake> = match &bakes.config.watch_namespace {
+        Some(ns) => kube::Api::namespaced(bakes.client.clone(), ns),
+        None => kube::Api::all(bakes.client.clone()),
+    };
+    let shared = SharedBakes::default();
+    // Every consumer subscribes before the watch starts, so none misses the first list.
+    let bake_controller = controller::run(bakes, &shared);
+    let catalog_controller = crate::catalog::controller::run(catalogs, health.clone(), shared.subscribe());
+    tokio::select! {
+        _ = shared.run(api, health) => {}
+        _ = async { tokio::join!(bake_controller, catalog_controller) } => {}
+    }
 }

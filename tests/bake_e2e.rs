@@ -166,13 +166,8 @@ async fn operator_killed_while_packer_runs_ends_with_one_pod_and_one_ami() -> Re
     let ns = TestNamespace::new(&client, "bake-restart").await?;
     create_credentials_secret(rig, &ns).await?;
     // Every EC2 request of packer takes 400 ms more: the bake runs for several seconds.
-    let proxy = SlowProxy::start(rig.ec2_endpoint(), Delay::All(Duration::from_millis(400))).await?;
-    let template = format!("{}-slow", ns.name());
-    apply_template(
-        &client,
-        &rig_template(&template, &format!("  ec2Endpoint: {}", proxy.url)),
-    )
-    .await?;
+    let (proxy, template) =
+        slow_template(rig, &client, &ns, Delay::All(Duration::from_millis(400)), "").await?;
 
     // Count every bake pod the namespace ever sees.
     let watch = PodWatch::start(ns.api());

@@ -94,13 +94,8 @@ async fn with_a_cap_of_two_six_bakes_never_run_more_than_two_pods_and_start_in_c
     let client = rig.client().await?;
     let ns = namespace(rig, &client, "cap").await?;
     // Slow EC2 calls make the bakes overlap.
-    let proxy = SlowProxy::start(rig.ec2_endpoint(), Delay::All(Duration::from_millis(150))).await?;
-    let template = format!("{}-t", ns.name());
-    apply_template(
-        &client,
-        &rig_template(&template, &format!("  ec2Endpoint: {}", proxy.url)),
-    )
-    .await?;
+    let (proxy, template) =
+        slow_template(rig, &client, &ns, Delay::All(Duration::from_millis(150)), "").await?;
     let watch = PodWatch::start(ns.api());
     let _operator = Operator::start_with(rig, ns.name(), &["--max-concurrent-bakes", "2"], &[]).await?;
 
@@ -159,14 +154,14 @@ async fn bake_over_its_timeout_fails_with_reason_timeout_and_leaves_no_process()
     let client = rig.client().await?;
     let ns = namespace(rig, &client, "timeout").await?;
     // Packer never gets its instance: RunInstances is held for a minute.
-    let proxy = SlowProxy::start(
-        rig.ec2_endpoint(),
+    let (proxy, template) = slow_template(
+        rig,
+        &client,
+        &ns,
         Delay::On("RunInstances", Duration::from_secs(60)),
+        "  timeoutSeconds: 10",
     )
     .await?;
-    let template = format!("{}-t", ns.name());
-    let extra = format!("  ec2Endpoint: {}\n  timeoutSeconds: 10", proxy.url);
-    apply_template(&client, &rig_template(&template, &extra)).await?;
     let _operator = Operator::start_with(rig, ns.name(), &["--bake-grace-seconds", "3"], &[]).await?;
 
     create_bake(&ns, &bake_yaml("late", &template, "late", "1.0.0", "hvm")).await?;
@@ -188,14 +183,14 @@ async fn bake_timing_out_after_its_image_exists_adopts_the_image() -> Result<()>
     let client = rig.client().await?;
     let ns = namespace(rig, &client, "adopt").await?;
     // The AMI is made and tagged, then every later call of packer is held: the deadline hits.
-    let proxy = SlowProxy::start(
-        rig.ec2_endpoint(),
+    let (proxy, template) = slow_template(
+        rig,
+        &client,
+        &ns,
         Delay::After("CreateTags", Duration::from_secs(60)),
+        "  timeoutSeconds: 10",
     )
     .await?;
-    let template = format!("{}-t", ns.name());
-    let extra = format!("  ec2Endpoint: {}\n  timeoutSeconds: 10", proxy.url);
-    apply_template(&client, &rig_template(&template, &extra)).await?;
     let _operator = Operator::start_with(rig, ns.name(), &["--bake-grace-seconds", "3"], &[]).await?;
 
     create_bake(&ns, &bake_yaml("almost", &template, "almost", "1.0.0", "hvm")).await?;
@@ -221,15 +216,12 @@ async fn deleting_a_running_bake_stops_its_pod_and_leaves_nothing_in_ec2() -> Re
     let client = rig.client().await?;
     let ns = namespace(rig, &client, "cancel").await?;
     // Packer has its instance, security group and key pair, and waits on CreateImage.
-    let proxy = SlowProxy::start(
-        rig.ec2_endpoint(),
-        Delay::On("CreateImage", Duration::from_secs(120)),
-    )
-    .await?;
-    let template = format!("{}-t", ns.name());
-    apply_template(
+    let (proxy, template) = slow_template(
+        rig,
         &client,
-        &rig_template(&template, &format!("  ec2Endpoint: {}", proxy.url)),
+        &ns,
+        Delay::On("CreateImage", Duration::from_secs(120)),
+        "",
     )
     .await?;
     let _operator = Operator::start_with(rig, ns.name(), &["--bake-grace-seconds", "20"], &[]).await?;
@@ -301,15 +293,12 @@ async fn a_bake_pod_deleted_by_someone_else_fails_the_bake_with_a_clear_message(
     let rig = rig();
     let client = rig.client().await?;
     let ns = namespace(rig, &client, "poddel").await?;
-    let proxy = SlowProxy::start(
-        rig.ec2_endpoint(),
-        Delay::On("CreateImage", Duration::from_secs(120)),
-    )
-    .await?;
-    let template = format!("{}-t", ns.name());
-    apply_template(
+    let (proxy, template) = slow_template(
+        rig,
         &client,
-        &rig_template(&template, &format!("  ec2Endpoint: {}", proxy.url)),
+        &ns,
+        Delay::On("CreateImage", Duration::from_secs(120)),
+        "",
     )
     .await?;
     let _operator = Operator::start_with(rig, ns.name(), &["--bake-grace-seconds", "2"], &[]).await?;
@@ -441,4 +430,44 @@ async fn operator_crash_after_recording_the_launch_but_before_creating_the_pod_b
 #[tokio::test(flavor = "multi_thread")]
 async fn operator_crash_after_the_pod_ended_but_before_the_final_status_bakes_once() -> Result<()> {
     crash_at(baker::failpoint::BEFORE_FINAL_STATUS, "crash-final").await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bake_reconciled_from_a_cache_older_than_its_launch_keeps_its_launch_record_and_succeeds()
+-> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "lag").await?;
+    // Packer waits 5 s for its instance, so the pod is seen pending and running.
+    let (_proxy, template) = slow_template(
+        rig,
+        &client,
+        &ns,
+        Delay::On("RunInstances", Duration::from_secs(5)),
+        "",
+    )
+    .await?;
+    let watch = PodWatch::start(ns.api());
+    // Bake events reach the cache a second late, pod events at once: the pod's events wake the
+    // reconciler while its copy of the Bake predates the launch record.
+    let operator = Operator::start_with(
+        rig,
+        ns.name(),
+        &[],
+        &[("BAKER_FAILPOINTS", baker::failpoint::BAKE_CACHE_LAG)],
+    )
+    .await?;
+    create_bake(&ns, &bake_yaml("lag", &template, "lag", "1.0.0", "hvm")).await?;
+    let bake = wait_for_phase(&ns.api::<Bake>(), "lag", BakePhase::Succeeded, BAKE_TIMEOUT).await?;
+    let status = bake.status.clone().unwrap_or_default();
+    assert_eq!(status.region.as_deref(), Some(rig.region()), "{status:?}");
+    assert!(status.bake_key.is_some(), "{status:?}");
+    assert!(status.source_ami_id.is_some(), "{status:?}");
+    // Nothing was decided from the stale copy: no reconcile failed on a record it lacked.
+    let log = operator.log();
+    assert!(!log.contains("reconcile failed"), "{log}");
+    let tagged = images_tagged(&rig.ec2(), keys::BAKE_UID, &bake.uid().unwrap_or_default()).await?;
+    assert_eq!(tagged.len(), 1);
+    assert_eq!(watch.order().len(), 1);
+    finish(ns).await
 }

@@ -1,7 +1,7 @@
 //! End to end on the rig: an operator restarted with hundreds of finished Bakes writes nothing to
-//! the API server. Writes are counted from the apiserver's own request metrics, so this file runs
-//! as a test binary of its own (cargo runs test binaries one after another) and first waits for
-//! other tests' namespaces to finish deleting.
+//! the API server, and lists Bakes once. Requests are counted from the apiserver's own request
+//! metrics, so this file runs as a test binary of its own (cargo runs test binaries one after
+//! another) and first waits for other tests' namespaces to finish deleting.
 
 mod bake_support;
 mod support;
@@ -19,33 +19,40 @@ use support::{Rig, rig, try_wait_until};
 const BAKES: usize = 300;
 const VERSIONS: usize = 30;
 
-/// Write requests the apiserver has served for the kinds the operator writes.
-async fn writes(rig: &Rig) -> Result<u64> {
+/// Requests the apiserver has served with one of `verbs` on one of `resources`, from its own
+/// request metrics.
+async fn requests(rig: &Rig, verbs: &[&str], resources: &[&str]) -> Result<u64> {
     let metrics = rig.kubectl(["get", "--raw", "/metrics"]).await?.ok()?.stdout;
     let mut total = 0u64;
     for line in metrics
         .lines()
         .filter(|l| l.starts_with("apiserver_request_total{"))
     {
-        let write = [
-            "\"POST\"",
-            "\"PUT\"",
-            "\"PATCH\"",
-            "\"APPLY\"",
-            "\"DELETE\"",
-            "\"DELETECOLLECTION\"",
-        ]
-        .iter()
-        .any(|v| line.contains(&format!("verb={v}")));
-        let ours = ["bakes", "pods", "configmaps", "events"]
+        let verb = verbs.iter().any(|v| line.contains(&format!("verb=\"{v}\"")));
+        let resource = resources
             .iter()
             .any(|r| line.contains(&format!("resource=\"{r}\"")));
-        if write && ours {
+        if verb && resource {
             let value = line.rsplit(' ').next().unwrap_or("0");
             total += value.parse::<f64>().context("metric value")? as u64;
         }
     }
     Ok(total)
+}
+
+/// Write requests for the kinds the operator writes.
+async fn writes(rig: &Rig) -> Result<u64> {
+    requests(
+        rig,
+        &["POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION"],
+        &["bakes", "pods", "configmaps", "events"],
+    )
+    .await
+}
+
+/// LIST requests for Bakes: one per watch the operator opens.
+async fn bake_lists(rig: &Rig) -> Result<u64> {
+    requests(rig, &["LIST"], &["bakes"]).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -110,23 +117,35 @@ async fn restart_with_300_finished_bakes_writes_nothing_to_the_api_server() -> R
     .await?;
 
     let before = writes(rig).await?;
+    let lists_before = bake_lists(rig).await?;
     let started = Instant::now();
     let restarted = Operator::start(rig, ns.name()).await?;
+    // Only the restarted process's own log lines count: every one of the 300 Bakes reviewed.
     try_wait_until(
         Duration::from_secs(120),
         "the restarted operator to look at every Bake",
         || async {
-            let seen = restarted.log().matches("finished and up to date").count();
-            Ok((seen >= BAKES).then_some(()))
+            let log = restarted.log();
+            let mut seen: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("finished and up to date"))
+                .filter_map(|l| l.split("bake=").nth(1)?.split_whitespace().next())
+                .collect();
+            seen.sort_unstable();
+            seen.dedup();
+            Ok((seen.len() >= BAKES).then_some(()))
         },
     )
     .await?;
     let ready = started.elapsed();
     let after = writes(rig).await?;
+    let lists = bake_lists(rig).await? - lists_before;
     eprintln!(
-        "restarted operator reviewed {BAKES} finished Bakes in {ready:.2?} with {} writes",
+        "restarted operator reviewed {BAKES} finished Bakes in {ready:.2?} with {} writes and {lists} LIST of Bakes",
         after - before
     );
+    // One shared watch of Bakes serves both controllers, readiness and metrics.
+    assert_eq!(lists, 1, "the restarted operator listed Bakes {lists} times");
     assert_eq!(
         after, before,
         "a restart over finished Bakes wrote to the API server"

@@ -161,13 +161,8 @@ async fn of_two_replicas_one_reconciles_and_the_standby_takes_over_a_running_bak
     let client = rig.client().await?;
     let ns = namespace(rig, &client, "ship-leader").await?;
     // Every EC2 request of packer takes 400 ms more: the bake runs long enough to kill the leader.
-    let proxy = SlowProxy::start(rig.ec2_endpoint(), Delay::All(Duration::from_millis(400))).await?;
-    let template = format!("{}-slow", ns.name());
-    apply_template(
-        &client,
-        &rig_template(&template, &format!("  ec2Endpoint: {}", proxy.url)),
-    )
-    .await?;
+    let (proxy, template) =
+        slow_template(rig, &client, &ns, Delay::All(Duration::from_millis(400)), "").await?;
 
     let watch = PodWatch::start(ns.api());
 

@@ -15,7 +15,7 @@ use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
@@ -24,6 +24,7 @@ use super::key;
 use super::pod::{self, PodInput};
 use super::queue::{self, Decision};
 use super::status::{self, PodOutcome, Reason, Transition};
+use super::watch::SharedBakes;
 use crate::api::bake::ReusedImage;
 use crate::api::{AmiCatalog, Bake, BakeStatus, BakeTemplate, keys};
 use crate::aws::Ec2;
@@ -168,6 +169,24 @@ async fn apply(bake: &Bake, ctx: &Context) -> Result<Action> {
         .await
         .map_err(Error::GetPod)?
         .filter(|p| p.owner_references().iter().any(|o| o.uid == b.uid));
+    // The launch is recorded before the pod is created, so a pod of this Bake with no record in
+    // status means the cache has not caught up with our own write yet (the pod's event came
+    // first). A status computed from that copy would drop the record (region, key, source), so
+    // go on with the Bake as the API server has it.
+    let fresh;
+    let b = if pod.is_some() && !launch_recorded(b.status()) {
+        tracing::debug!("cached Bake predates its launch record: reading it from the API server");
+        let bakes: Api<Bake> = Api::namespaced(ctx.client.clone(), &b.namespace);
+        match bakes.get_opt(&b.name).await.map_err(Error::GetBake)? {
+            Some(latest) if latest.uid().as_deref() == Some(b.uid.as_str()) => {
+                fresh = latest;
+                BakeRef::new(&fresh)?
+            }
+            _ => return Ok(Action::await_change()),
+        }
+    } else {
+        b
+    };
     let seen_uid = b.status().and_then(|s| s.pod_uid.clone());
     match pod {
         Some(p) if seen_uid.is_none() || seen_uid == p.uid() => observe_pod(&b, ctx, &p).await,
@@ -575,13 +594,28 @@ fn pod_deadline(pod: &Pod) -> i64 {
         .unwrap_or_default()
 }
 
-fn region_of(b: &BakeRef<'_>) -> Option<String> {
-    b.status().and_then(|s| s.region.clone())
+/// Whether status holds the launch record (written before the bake pod is created).
+fn launch_recorded(status: Option<&BakeStatus>) -> bool {
+    status.is_some_and(|s| s.pod_name.is_some())
+}
+
+/// The region the Bake was launched in: the launch record, else (a status that lost its record)
+/// the region of its BakeTemplate now.
+async fn region_of(b: &BakeRef<'_>, ctx: &Context) -> Result<Option<String>> {
+    if let Some(region) = b.status().and_then(|s| s.region.clone()) {
+        return Ok(Some(region));
+    }
+    let templates: Api<BakeTemplate> = Api::all(ctx.client.clone());
+    Ok(templates
+        .get_opt(&b.bake.spec.template)
+        .await
+        .map_err(Error::GetTemplate)?
+        .map(|t| t.spec.region))
 }
 
 /// An available image tagged with this Bake's UID: proof the bake produced its AMI.
 async fn adoptable_image(b: &BakeRef<'_>, ctx: &Context) -> Result<Option<String>> {
-    let Some(region) = region_of(b) else {
+    let Some(region) = region_of(b, ctx).await? else {
         return Ok(None);
     };
     let images = ctx.ec2.images_tagged(&region, keys::BAKE_UID, &b.uid).await?;
@@ -598,7 +632,7 @@ async fn confirm_image(
     manifest: &str,
     finished: Option<jiff::Timestamp>,
 ) -> Result<Transition> {
-    let region = region_of(b).unwrap_or_default();
+    let region = region_of(b, ctx).await?.unwrap_or_default();
     let reported = packer::artifacts(manifest, &b.uid);
     let tagged = ctx.ec2.images_tagged(&region, keys::BAKE_UID, &b.uid).await?;
     let available = |id: &str| {
@@ -768,53 +802,30 @@ fn error_policy(_bake: Arc<Bake>, error: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(15))
 }
 
-/// Runs the Bake controller until a shutdown signal.
-pub async fn run(ctx: Arc<Context>) {
+/// The Bake controller on the process's shared Bake watch, subscribed at once; the future runs it
+/// until a shutdown signal.
+pub fn run(ctx: Arc<Context>, bakes: &SharedBakes) -> impl Future<Output = ()> + use<> {
     let client = ctx.client.clone();
-    let (bakes, pods): (Api<Bake>, Api<Pod>) = match &ctx.config.watch_namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+    let pods: Api<Pod> = match &ctx.config.watch_namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
     };
     let templates: Api<BakeTemplate> = Api::all(client.clone());
     let managed = format!("{}={}", keys::MANAGED_BY, keys::MANAGED_BY_VALUE);
-    let controller = Controller::new(bakes.clone(), watcher::Config::default().any_semantic());
-    let store = controller.store();
-    let queue_store = controller.store();
-    // Readiness and the phase gauges come from a Bake watch of their own: waiting on the
-    // controller's store (`wait_until_ready`) would steal the wake-up of the controller's own
-    // waiter, since that readiness signal wakes only its latest waiter.
-    let (health_store, writer) = kube::runtime::reflector::store::<Bake>();
-    let health = ctx.health.clone();
-    let health_watch = kube::runtime::reflector(
-        writer,
-        watcher(bakes.clone(), watcher::Config::default().any_semantic()).default_backoff(),
-    )
-    .for_each(move |event| {
-        if let Ok(watcher::Event::InitDone) = event {
-            health.caches_synced(health_store.clone());
-        }
-        futures::future::ready(())
-    });
-    let health_task = tokio::spawn(health_watch);
-    controller
+    let store = bakes.store();
+    let queue_store = bakes.store();
+    Controller::for_shared_stream(bakes.subscribe(), bakes.store())
         .owns(pods, watcher::Config::default().labels(&managed))
         // A Bake that ends frees a slot, or an image: the Bakes waiting for it look again at once.
-        .watches(
-            bakes,
-            watcher::Config::default().any_semantic(),
-            move |bake: Bake| {
-                if !bake.phase().is_some_and(|p| p.is_terminal()) {
-                    return Vec::new();
-                }
-                queue::wake_on_end(&bake, &queue_store.state())
-                    .into_iter()
-                    .map(|b| ObjectRef::from_obj(&*b))
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_shared_stream(bakes.subscribe(), move |bake: Arc<Bake>| {
+            if !bake.phase().is_some_and(|p| p.is_terminal()) {
+                return Vec::new();
+            }
+            queue::wake_on_end(&bake, &queue_store.state())
+                .into_iter()
+                .map(|b| ObjectRef::from_obj(&*b))
+                .collect::<Vec<_>>()
+        })
         // A Bake waiting for its template starts as soon as the template appears.
         .watches(templates, watcher::Config::default(), move |template| {
             let name = template.name_any();
@@ -832,6 +843,4 @@ pub async fn run(ctx: Arc<Context>) {
                 tracing::debug!(error = %e, "reconcile loop");
             }
         })
-        .await;
-    health_task.abort();
 }

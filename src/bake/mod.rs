@@ -7,3 +7,4 @@ pub mod key;
 pub mod pod;
 pub mod queue;
 pub mod status;
+pub mod watch;

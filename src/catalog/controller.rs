@@ -263,15 +263,16 @@ fn error_policy(_catalog: Arc<AmiCatalog>, error: &Error, _ctx: Arc<Context>) ->
     Action::requeue(Duration::from_secs(15))
 }
 
-/// Runs the AmiCatalog controller until a shutdown signal.
-pub async fn run(ctx: Arc<Context>, health: Arc<crate::http::Health>) {
-    let client = ctx.client.clone();
-    let (catalogs, bakes): (Api<AmiCatalog>, Api<Bake>) = match &ctx.watch_namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+/// Runs the AmiCatalog controller until a shutdown signal. `bakes` is the process's shared
+/// stream of Bakes: one that succeeds refreshes the catalogs its image may belong to.
+pub async fn run(
+    ctx: Arc<Context>,
+    health: Arc<crate::http::Health>,
+    bakes: impl futures::Stream<Item = Arc<Bake>> + Send + 'static,
+) {
+    let catalogs: Api<AmiCatalog> = match &ctx.watch_namespace {
+        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
+        None => Api::all(ctx.client.clone()),
     };
     let controller = Controller::new(catalogs, watcher::Config::default().any_semantic());
     let store = controller.store();
@@ -280,24 +281,20 @@ pub async fn run(ctx: Arc<Context>, health: Arc<crate::http::Health>) {
     controller
         // A Bake that succeeds refreshes the catalogs its image may belong to, without waiting
         // for their interval.
-        .watches(
-            bakes,
-            watcher::Config::default().any_semantic(),
-            move |bake: Bake| {
-                if !super::refreshes_on(&bake, jiff::Timestamp::now()) {
-                    return Vec::new();
-                }
-                store
-                    .state()
-                    .into_iter()
-                    .filter(|c| super::may_list(c, &bake))
-                    .filter_map(|c| {
-                        trigger.force(c.uid()?);
-                        Some(ObjectRef::from_obj(&*c))
-                    })
-                    .collect::<Vec<_>>()
-            },
-        )
+        .watches_shared_stream(bakes, move |bake: Arc<Bake>| {
+            if !super::refreshes_on(&bake, jiff::Timestamp::now()) {
+                return Vec::new();
+            }
+            store
+                .state()
+                .into_iter()
+                .filter(|c| super::may_list(c, &bake))
+                .filter_map(|c| {
+                    trigger.force(c.uid()?);
+                    Some(ObjectRef::from_obj(&*c))
+                })
+                .collect::<Vec<_>>()
+        })
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -19,7 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
-use crate::support::{Rig, TestNamespace, try_wait_until};
+use crate::support::{ProcessLog, Rig, TestNamespace, try_wait_until};
 
 /// Installs (or updates) Baker's CRDs with server-side apply and waits until they are served.
 pub async fn install_crds(rig: &Rig) -> Result<()> {
@@ -62,7 +62,7 @@ pub async fn create_credentials_secret(rig: &Rig, ns: &TestNamespace) -> Result<
 pub struct Operator {
     child: Option<Child>,
     namespace: String,
-    log: std::path::PathBuf,
+    log: ProcessLog,
 }
 
 impl Operator {
@@ -77,11 +77,10 @@ impl Operator {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Result<Operator> {
-        let log_dir = rig.dir().join("logs/tests");
-        std::fs::create_dir_all(&log_dir)?;
-        let log = log_dir.join(format!("operator-{namespace}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        let err = out.try_clone()?;
+        let (log, out, err) = ProcessLog::open(
+            &rig.dir().join("logs/tests"),
+            &format!("operator-{namespace}.log"),
+        )?;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_baker"));
         // Many operators run at once: each serves HTTP on a port of its own.
         cmd.args(["run", "--log-format", "text", "--namespace", namespace])
@@ -126,8 +125,9 @@ impl Operator {
         Ok(())
     }
 
+    /// What this process logged (not an earlier operator of the same namespace).
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.log.read()
     }
 
     /// Waits for the process to exit by itself (a failpoint), and returns its exit code.
@@ -252,6 +252,23 @@ pub struct SlowProxy {
 fn mentions(chunk: &[u8], action: &str) -> bool {
     let needle = format!("Action={action}");
     chunk.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// A BakeTemplate `<namespace>-t` whose packer reaches the rig's EC2 through a [`SlowProxy`] with
+/// `delay`, plus `extra` template lines (e.g. `"  timeoutSeconds: 10"`). Returns the proxy (it
+/// stops when dropped) and the template's name.
+pub async fn slow_template(
+    rig: &Rig,
+    client: &Client,
+    ns: &TestNamespace,
+    delay: Delay,
+    extra: &str,
+) -> Result<(SlowProxy, String)> {
+    let proxy = SlowProxy::start(rig.ec2_endpoint(), delay).await?;
+    let name = format!("{}-t", ns.name());
+    let lines = format!("  ec2Endpoint: {}\n{extra}", proxy.url);
+    apply_template(client, &rig_template(&name, lines.trim_end())).await?;
+    Ok((proxy, name))
 }
 
 impl SlowProxy {

@@ -15,7 +15,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
 use crate::bake_support::CREDENTIALS_SECRET;
-use crate::support::{Rig, TestNamespace, try_wait_until};
+use crate::support::{ProcessLog, Rig, TestNamespace, try_wait_until};
 
 /// A free TCP port on 127.0.0.1 (bound, then released for the process under test).
 pub async fn free_port() -> Result<u16> {
@@ -103,7 +103,7 @@ pub fn baker_bin() -> PathBuf {
 /// A `baker run` process started by a test; killed when dropped.
 pub struct Baker {
     child: Option<Child>,
-    pub log: PathBuf,
+    log: ProcessLog,
     pub http: String,
 }
 
@@ -207,11 +207,8 @@ impl Baker {
         kubeconfig: &Path,
         http: String,
     ) -> Result<Baker> {
-        let log_dir = rig.dir().join("logs/tests");
-        std::fs::create_dir_all(&log_dir)?;
-        let log = log_dir.join(format!("operator-{log_name}.log"));
-        let out = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
-        let err = out.try_clone()?;
+        let (log, out, err) =
+            ProcessLog::open(&rig.dir().join("logs/tests"), &format!("operator-{log_name}.log"))?;
         let child = Command::new(baker_bin())
             .args(args)
             .env_clear()
@@ -232,7 +229,7 @@ impl Baker {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
+        self.log.read()
     }
 
     /// SIGKILL, as a crash or a lost node would.

@@ -486,3 +486,33 @@ pub async fn wait_for_pod_phase(
     })
     .await
 }
+
+/// The log file of one process a test started. Several processes of a test may share a file (an
+/// operator and its restarted successor): `read` returns only what was written since this one
+/// opened it.
+pub struct ProcessLog {
+    pub path: PathBuf,
+    start: u64,
+}
+
+impl ProcessLog {
+    /// Opens `dir/name` for appending; the two handles are the process's stdout and stderr.
+    pub fn open(dir: &Path, name: &str) -> Result<(ProcessLog, std::fs::File, std::fs::File)> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(name);
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)?;
+        let err = out.try_clone()?;
+        let start = out.metadata()?.len();
+        Ok((ProcessLog { path, start }, out, err))
+    }
+
+    /// What this process has logged so far.
+    pub fn read(&self) -> String {
+        let bytes = std::fs::read(&self.path).unwrap_or_default();
+        let from = usize::try_from(self.start).unwrap_or(usize::MAX).min(bytes.len());
+        String::from_utf8_lossy(&bytes[from..]).into_owned()
+    }
+}
