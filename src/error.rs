@@ -32,6 +32,14 @@ pub enum Error {
     #[error("labelling the Bake failed: {0}")]
     PatchMetadata(#[source] kube::Error),
 
+    #[error("updating the Bake's finalizers failed: {0}")]
+    PatchFinalizers(#[source] kube::Error),
+
+    /// A write guarded by resourceVersion met a newer object: the cached copy was behind. Not a
+    /// failure; the reconciler runs again on the newer copy.
+    #[error("the cached Bake is older than the API server's (writing {0}); retrying with the newer one")]
+    Conflict(&'static str),
+
     #[error("writing AmiCatalog status failed: {0}")]
     PatchCatalogStatus(#[source] kube::Error),
 
@@ -62,6 +70,8 @@ impl Error {
             | Error::CreatePod(_)
             | Error::PatchStatus(_)
             | Error::PatchMetadata(_)
+            | Error::PatchFinalizers(_)
+            | Error::Conflict(_)
             | Error::PatchCatalogStatus(_)
             | Error::DeletePod(_) => "kube_write",
             Error::Ec2(_) => "ec2",

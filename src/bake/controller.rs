@@ -148,7 +148,8 @@ async fn set_finalizer(bake: &Bake, ctx: &Context, present: bool) -> Result<()> 
         Ok(_) => Ok(()),
         // Already gone: nothing left to hold.
         Err(kube::Error::Api(s)) if s.code == 404 && !present => Ok(()),
-        Err(e) => Err(Error::PatchMetadata(e)),
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Conflict("finalizers")),
+        Err(e) => Err(Error::PatchFinalizers(e)),
     }
 }
 
@@ -792,6 +793,11 @@ pub(crate) async fn publish(b: &BakeRef<'_>, ctx: &Context, type_: EventType, re
 }
 
 fn error_policy(_bake: Arc<Bake>, error: &Error, _ctx: Arc<Context>) -> Action {
+    // Optimistic concurrency at work, not a failure: the newer copy's event is on its way.
+    if let Error::Conflict(_) = error {
+        tracing::debug!(error = %error, "stale cache");
+        return Action::requeue(Duration::from_secs(1));
+    }
     warn!(category = error.category(), error = %error, "reconcile failed");
     crate::metrics::global()
         .reconcile_errors
