@@ -8,6 +8,9 @@
 #   down    stop exactly the processes this rig started, then remove its state directory.
 #   status  print each component; exit 0 if all run, 3 if none does (or no rig), 1 if some do.
 #   leftovers  list processes of this rig still running (exit 1 if any); used after `down`.
+#   reset-ec2  empty moto's EC2 state (back to the rig's source images). moto renders
+#           DescribeImages in time that grows with images times tags, so a long-lived rig slows
+#           down; `make test` resets it before the tests.
 #
 # Env:
 #   BAKER_RIG_DIR        state directory (default: <repo>/target/rig): kubeconfig, env, logs/, pids/
@@ -535,10 +538,24 @@ cmd_status() {
 	if ((running == total)); then return 0; elif ((running == 0)); then return 3; else return 1; fi
 }
 
+cmd_reset_ec2() {
+	[ -f "$state/ports" ] || die "no rig in $state"
+	# shellcheck disable=SC1091
+	. "$state/ports"
+	local venv=$cache/venv-moto-$MOTO_VERSION
+	"$venv/bin/python" -c 'import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1], method="POST"), timeout=60)' \
+		"http://127.0.0.1:$MOTO_PORT/moto-api/reset" || die "resetting moto failed"
+	# The source images come back from MOTO_AMIS_PATH as the backend is recreated.
+	"$venv/bin/python" "$here/seed_ec2.py" check --endpoint "http://127.0.0.1:$MOTO_PORT" --timeout 30 ||
+		die "moto serves no source images after the reset"
+	log "EC2 state reset: only the rig's source images remain"
+}
+
 case "${1:-}" in
 up) cmd_up ;;
+reset-ec2) cmd_reset_ec2 ;;
 down) cmd_down ;;
 status) cmd_status ;;
 leftovers) cmd_leftovers ;;
-*) echo "usage: $0 up|down|status|leftovers" >&2; exit 2 ;;
+*) echo "usage: $0 up|down|status|leftovers|reset-ec2" >&2; exit 2 ;;
 esac

@@ -52,6 +52,12 @@ if ! "$rig" up; then
 	exit 1
 fi
 log "rig ready after $((SECONDS - start))s"
+# A rig kept up across runs accumulates images, and moto's DescribeImages slows with them.
+if ! "$rig" reset-ec2; then
+	log "FAIL: could not reset the rig's EC2 state"
+	[ "$started" = 1 ] && teardown
+	exit 1
+fi
 
 # shellcheck disable=SC1091
 . "$state/env"
