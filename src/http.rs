@@ -2,7 +2,7 @@
 //! leadership settled) and `/metrics` (Prometheus text format).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use axum::Router;
@@ -51,7 +51,6 @@ pub fn is_ready(synced: bool, role: Role) -> bool {
 
 /// Shared health state, written by the controller and the leader elector.
 pub struct Health {
-    synced: AtomicBool,
     role: AtomicU8,
     bakes: OnceLock<Store<Bake>>,
     catalogs: OnceLock<Store<AmiCatalog>>,
@@ -60,7 +59,6 @@ pub struct Health {
 impl Default for Health {
     fn default() -> Self {
         Self {
-            synced: AtomicBool::new(false),
             role: AtomicU8::new(Role::Single as u8),
             bakes: OnceLock::new(),
             catalogs: OnceLock::new(),
@@ -71,7 +69,6 @@ impl Default for Health {
 impl Health {
     pub fn caches_synced(&self, bakes: Store<Bake>) {
         let _ = self.bakes.set(bakes);
-        self.synced.store(true, Ordering::SeqCst);
     }
 
     /// The AmiCatalog controller's cache, read when `/metrics` is scraped.
@@ -90,8 +87,9 @@ impl Health {
         Role::from_u8(self.role.load(Ordering::SeqCst))
     }
 
+    /// Whether the Bake cache has synced: its store is handed over at the first complete list.
     pub fn synced(&self) -> bool {
-        self.synced.load(Ordering::SeqCst)
+        self.bakes.get().is_some()
     }
 
     pub fn ready(&self) -> bool {

@@ -181,15 +181,14 @@ pub fn service_images(catalogs: &[AmiCatalog], service: &str, n: usize) -> Vec<C
     let mut images: Vec<CatalogImage> = catalogs
         .iter()
         .flat_map(|c| {
-            let catalog_service = c.spec.service.clone();
             c.status
                 .iter()
                 .flat_map(|s| s.images.iter())
-                .filter(move |i| i.service.as_deref().or(catalog_service.as_deref()) == Some(service))
-                .cloned()
-                .collect::<Vec<_>>()
+                // An image without a service tag belongs to its catalog's service.
+                .filter(move |i| i.service.as_deref().or(c.spec.service.as_deref()) == Some(service))
         })
         .filter(|i| seen.insert(i.image_id.clone()))
+        .cloned()
         .collect();
     // ISO 8601 dates sort as strings; images without one go last.
     images.sort_by(|a, b| b.creation_date.cmp(&a.creation_date));

@@ -269,7 +269,7 @@ async fn check_installed(
     other_ns: &TestNamespace,
     release: &str,
     install: CmdOutput,
-) -> Result<Vec<Baker>> {
+) -> Result<Vec<Operator>> {
     install.ok()?;
     let fullname = format!("{release}-baker");
     let sa = format!("system:serviceaccount:{}:{fullname}", release_ns.name());
@@ -341,7 +341,7 @@ async fn check_installed(
     for replica in ["a", "b"] {
         let pod = format!("{fullname}-{replica}");
         let operator =
-            Baker::start_as_container(rig, &pod, release_n, &container, &secrets, &kubeconfig).await?;
+            Operator::start_as_container(rig, &pod, release_n, &container, &secrets, &kubeconfig).await?;
         wait_for_status(&operator.http, "/readyz", 200, Duration::from_secs(60))
             .await
             .with_context(|| operator.log())?;

@@ -18,11 +18,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const BAKE_TIMEOUT: Duration = Duration::from_secs(180);
 const TOKEN: &str = "test-token-3f9a";
 
-async fn start(rig: &support::Rig, ns: &str, dir: &std::path::Path) -> Result<Baker> {
+async fn start(rig: &support::Rig, ns: &str, dir: &std::path::Path) -> Result<Operator> {
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n"))?;
     let token_file = token_file.to_string_lossy().to_string();
-    let operator = Baker::start(
+    let operator = Operator::start_as(
         rig,
         "seed",
         ns,

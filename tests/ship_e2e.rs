@@ -28,7 +28,7 @@ async fn metrics_after_a_bake_expose_phases_results_duration_and_ec2_calls_with_
     let ns = namespace(rig, &client, "ship-metrics").await?;
     let template = format!("{}-ebs", ns.name());
     apply_template(&client, &rig_template(&template, "")).await?;
-    let operator = Baker::start(rig, "op", ns.name(), &rig.kubeconfig_path(), &[], &[]).await?;
+    let operator = Operator::start_as(rig, "op", ns.name(), &rig.kubeconfig_path(), &[], &[]).await?;
 
     wait_for_status(&operator.http, "/healthz", 200, Duration::from_secs(30)).await?;
     wait_for_status(&operator.http, "/readyz", 200, Duration::from_secs(60)).await?;
@@ -131,7 +131,7 @@ async fn readyz_is_false_while_the_caches_cannot_sync_and_healthz_is_true() -> R
     let server = format!("https://{}", black_hole.local_addr()?);
     let dir = tempfile::tempdir()?;
     let kubeconfig = kubeconfig_with_server(rig, &server, dir.path())?;
-    let operator = Baker::start(rig, "op", "ship-unsynced", &kubeconfig, &[], &[]).await?;
+    let operator = Operator::start_as(rig, "op", "ship-unsynced", &kubeconfig, &[], &[]).await?;
 
     wait_for_status(&operator.http, "/healthz", 200, Duration::from_secs(30)).await?;
     // Observe readiness over a few seconds: never ready.
@@ -175,13 +175,13 @@ async fn of_two_replicas_one_reconciles_and_the_standby_takes_over_a_running_bak
         lease_seconds,
     ];
     let kubeconfig = rig.kubeconfig_path();
-    let mut first = Baker::start(rig, "replica-a", ns.name(), &kubeconfig, &args, &[]).await?;
+    let mut first = Operator::start_as(rig, "replica-a", ns.name(), &kubeconfig, &args, &[]).await?;
     let leases: Api<Lease> = ns.api();
     try_wait_until(Duration::from_secs(30), "replica-a to hold the lease", || async {
         Ok((lease_holder(&leases).await?.as_deref() == Some("replica-a")).then_some(()))
     })
     .await?;
-    let second = Baker::start(rig, "replica-b", ns.name(), &kubeconfig, &args, &[]).await?;
+    let second = Operator::start_as(rig, "replica-b", ns.name(), &kubeconfig, &args, &[]).await?;
     // The standby is ready (it serves HTTP) but does not lead.
     wait_for_status(&second.http, "/readyz", 200, Duration::from_secs(30)).await?;
     wait_for_status(&first.http, "/readyz", 200, Duration::from_secs(30)).await?;
@@ -248,7 +248,7 @@ async fn a_bake_in_a_namespace_not_allowed_for_bake_pods_fails_without_a_pod() -
     let ns = namespace(rig, &client, "ship-notallowed").await?;
     let template = format!("{}-ebs", ns.name());
     apply_template(&client, &rig_template(&template, "")).await?;
-    let operator = Baker::start(
+    let operator = Operator::start_as(
         rig,
         "op",
         ns.name(),

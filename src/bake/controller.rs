@@ -51,13 +51,19 @@ pub struct Context {
     pub health: Arc<crate::http::Health>,
 }
 
+/// The Event recorder both controllers use: controller `baker`, instance the pod's name, so
+/// Events say which replica acted.
+pub fn recorder(client: &Client) -> Recorder {
+    let reporter = Reporter {
+        controller: "baker".into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    Recorder::new(client.clone(), reporter)
+}
+
 impl Context {
     pub fn new(client: Client, ec2: Ec2, config: OperatorConfig) -> Self {
-        let reporter = Reporter {
-            controller: "baker".into(),
-            instance: std::env::var("POD_NAME").ok(),
-        };
-        let recorder = Recorder::new(client.clone(), reporter);
+        let recorder = recorder(&client);
         Self {
             client,
             ec2,

@@ -218,6 +218,10 @@ mod tests {
         }
     }
 
+    const ONE: Limits = Limits {
+        global: 1,
+        per_namespace: None,
+    };
     const TWO: Limits = Limits {
         global: 2,
         per_namespace: None,
@@ -245,10 +249,7 @@ mod tests {
     #[test]
     fn a_younger_bake_never_overtakes_an_older_waiting_one() {
         let all = vec![view("a", 1), view("b", 2), view("c", 3)];
-        let limits = Limits {
-            global: 1,
-            per_namespace: None,
-        };
+        let limits = ONE;
         assert_eq!(decide(&all[0], "key-a", false, &all, limits), Decision::Launch);
         assert!(matches!(
             decide(&all[2], "key-c", false, &all, limits),
@@ -264,39 +265,20 @@ mod tests {
     }
 
     #[test]
-    fn bakes_stuck_on_a_missing_template_do_not_block_the_queue() {
-        let stuck = BakeView {
-            reason: Some("TemplateNotFound".into()),
-            phase: Some(BakePhase::Pending),
-            ..view("a", 1)
-        };
-        let me = view("b", 2);
-        let limits = Limits {
-            global: 1,
-            per_namespace: None,
-        };
-        assert_eq!(
-            decide(&me, "key-b", false, &[stuck, me.clone()], limits),
-            Decision::Launch
-        );
-    }
-
-    #[test]
-    fn bakes_waiting_for_an_empty_source_catalog_do_not_block_the_queue() {
-        let stuck = BakeView {
-            reason: Some("SourceCatalogEmpty".into()),
-            phase: Some(BakePhase::Pending),
-            ..view("a", 1)
-        };
-        let me = view("b", 2);
-        let limits = Limits {
-            global: 1,
-            per_namespace: None,
-        };
-        assert_eq!(
-            decide(&me, "key-b", false, &[stuck, me.clone()], limits),
-            Decision::Launch
-        );
+    fn bakes_stuck_on_a_missing_template_or_an_empty_source_catalog_do_not_block_the_queue() {
+        for reason in ["TemplateNotFound", "SourceCatalogEmpty"] {
+            let stuck = BakeView {
+                reason: Some(reason.into()),
+                phase: Some(BakePhase::Pending),
+                ..view("a", 1)
+            };
+            let me = view("b", 2);
+            assert_eq!(
+                decide(&me, "key-b", false, &[stuck, me.clone()], ONE),
+                Decision::Launch,
+                "{reason}"
+            );
+        }
     }
 
     #[test]

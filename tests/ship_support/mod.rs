@@ -1,27 +1,16 @@
-//! Support for the "ship it" tests: a `baker run` process with a kubeconfig of the test's choice
-//! (a ServiceAccount token, an unreachable apiserver), free ports, and a minimal HTTP client.
+//! Support for the "ship it" tests: kubeconfigs of the test's choice (a ServiceAccount token, an
+//! unreachable apiserver) for `Operator::start_as`, a minimal HTTP client, metrics samples.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use k8s_openapi::api::core::v1::{Container, Secret};
+use anyhow::{Context, Result};
 use k8s_openapi::api::events::v1::Event;
-use kube::Api;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::process::{Child, Command};
+use tokio::net::TcpStream;
 
-use crate::bake_support::CREDENTIALS_SECRET;
-use crate::support::{ProcessLog, Rig, TestNamespace, try_wait_until};
-
-/// A free TCP port on 127.0.0.1 (bound, then released for the process under test).
-pub async fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    Ok(listener.local_addr()?.port())
-}
+use crate::support::{Rig, TestNamespace, try_wait_until};
 
 /// A response: status code and body.
 #[derive(Debug)]
@@ -89,166 +78,6 @@ pub async fn wait_for_status(addr: &str, path: &str, status: u16, timeout: Durat
         },
     )
     .await
-}
-
-/// The `baker` binary: `BAKER_BIN` if set (a private copy, when several worktrees share one cargo
-/// target directory and overwrite each other's binary), else the one cargo built for this test.
-pub fn baker_bin() -> PathBuf {
-    match std::env::var_os("BAKER_BIN") {
-        Some(p) if !p.is_empty() => PathBuf::from(p),
-        _ => PathBuf::from(env!("CARGO_BIN_EXE_baker")),
-    }
-}
-
-/// A `baker run` process started by a test; killed when dropped.
-pub struct Baker {
-    child: Option<Child>,
-    log: ProcessLog,
-    pub http: String,
-}
-
-impl Baker {
-    /// Starts `baker run` for `namespace` with the given kubeconfig, serving HTTP on a free port.
-    pub async fn start(
-        rig: &Rig,
-        name: &str,
-        namespace: &str,
-        kubeconfig: &Path,
-        args: &[&str],
-        env: &[(&str, &str)],
-    ) -> Result<Baker> {
-        let http = format!("127.0.0.1:{}", free_port().await?);
-        let mut full = vec![
-            "run",
-            "--log-format",
-            "text",
-            "--namespace",
-            namespace,
-            "--http-addr",
-            &http,
-        ];
-        full.extend_from_slice(args);
-        let mut vars: Vec<(String, String)> = vec![
-            ("RUST_LOG".into(), "info,baker=debug,kube=warn".into()),
-            ("BAKER_AWS_CREDENTIALS_SECRET".into(), CREDENTIALS_SECRET.into()),
-            ("POD_NAME".into(), name.into()),
-        ];
-        for key in [
-            "AWS_ENDPOINT_URL_EC2",
-            "AWS_REGION",
-            "AWS_DEFAULT_REGION",
-            "AWS_ACCESS_KEY_ID",
-            "AWS_SECRET_ACCESS_KEY",
-        ] {
-            vars.push((key.into(), rig.var(key).to_string()));
-        }
-        vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-        Self::spawn(
-            rig,
-            &format!("{namespace}-{name}"),
-            &full,
-            vars,
-            kubeconfig,
-            http.clone(),
-        )
-    }
-
-    /// Starts `baker` as `container` of a pod named `pod` in `namespace` would run: the
-    /// container's args, and its environment with field and Secret references resolved as the
-    /// kubelet would resolve them. Two things differ from a pod, because these are host
-    /// processes: the HTTP server listens on a free loopback port (a pod has its own network
-    /// namespace), and the API server is reached through `kubeconfig` rather than in-cluster.
-    pub async fn start_as_container(
-        rig: &Rig,
-        pod: &str,
-        namespace: &str,
-        container: &Container,
-        secrets: &Api<Secret>,
-        kubeconfig: &Path,
-    ) -> Result<Baker> {
-        if container.volume_mounts.as_ref().is_some_and(|m| !m.is_empty()) {
-            bail!("{pod}: volume mounts are not emulated for host processes");
-        }
-        let http = format!("127.0.0.1:{}", free_port().await?);
-        let mut vars = Vec::new();
-        for var in container.env.iter().flatten() {
-            let value = match (&var.value, &var.value_from) {
-                (Some(v), None) => v.clone(),
-                (None, Some(from)) => match (&from.field_ref, &from.secret_key_ref) {
-                    (Some(f), None) if f.field_path == "metadata.name" => pod.to_string(),
-                    (Some(f), None) if f.field_path == "metadata.namespace" => namespace.to_string(),
-                    (None, Some(r)) => {
-                        let secret = secrets.get(&r.name).await?;
-                        let bytes = secret
-                            .data
-                            .and_then(|d| d.get(&r.key).cloned())
-                            .with_context(|| format!("{}: no key {}", r.name, r.key))?;
-                        String::from_utf8(bytes.0)?
-                    }
-                    _ => bail!("{pod}: env {} has a source not emulated here", var.name),
-                },
-                _ => String::new(),
-            };
-            vars.push((var.name.clone(), value));
-        }
-        vars.push(("BAKER_HTTP_ADDR".into(), http.clone()));
-        let mut args: Vec<&str> = container.command.iter().flatten().map(String::as_str).collect();
-        args.extend(container.args.iter().flatten().map(String::as_str));
-        Self::spawn(rig, pod, &args, vars, kubeconfig, http)
-    }
-
-    /// Runs the `baker` binary with `args` and only the environment `vars` (plus PATH and
-    /// KUBECONFIG), logging to the rig's test log directory.
-    fn spawn(
-        rig: &Rig,
-        log_name: &str,
-        args: &[&str],
-        vars: Vec<(String, String)>,
-        kubeconfig: &Path,
-        http: String,
-    ) -> Result<Baker> {
-        let (log, out, err) =
-            ProcessLog::open(&rig.dir().join("logs/tests"), &format!("operator-{log_name}.log"))?;
-        let child = Command::new(baker_bin())
-            .args(args)
-            .env_clear()
-            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .envs(vars)
-            .env("KUBECONFIG", kubeconfig)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting baker")?;
-        Ok(Baker {
-            child: Some(child),
-            log,
-            http,
-        })
-    }
-
-    pub fn log(&self) -> String {
-        self.log.read()
-    }
-
-    /// SIGKILL, as a crash or a lost node would.
-    pub async fn kill(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill().await?;
-        }
-        Ok(())
-    }
-
-    /// Waits for the process to exit by itself.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<Option<i32>> {
-        let Some(child) = self.child.as_mut() else {
-            bail!("not running")
-        };
-        let status = tokio::time::timeout(timeout, child.wait()).await??;
-        self.child = None;
-        Ok(status.code())
-    }
 }
 
 /// The rig's kubeconfig with its server replaced (e.g. by an address that never answers).
