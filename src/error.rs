@@ -8,14 +8,8 @@ pub enum Error {
     #[error("the object has no {0}")]
     MissingField(&'static str),
 
-    #[error("reading BakeTemplate failed: {0}")]
-    GetTemplate(#[source] kube::Error),
-
     #[error("reading the source AmiCatalog failed: {0}")]
     GetCatalog(#[source] kube::Error),
-
-    #[error("reading the bake pod failed: {0}")]
-    GetPod(#[source] kube::Error),
 
     #[error("reading the Bake failed: {0}")]
     GetBake(#[source] kube::Error),
@@ -28,9 +22,6 @@ pub enum Error {
 
     #[error("writing Bake status failed: {0}")]
     PatchStatus(#[source] kube::Error),
-
-    #[error("labelling the Bake failed: {0}")]
-    PatchMetadata(#[source] kube::Error),
 
     #[error("updating the Bake's finalizers failed: {0}")]
     PatchFinalizers(#[source] kube::Error),
@@ -61,15 +52,10 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::MissingField(_) => "invalid_object",
-            Error::GetTemplate(_)
-            | Error::GetCatalog(_)
-            | Error::GetPod(_)
-            | Error::GetBake(_)
-            | Error::ListBakes(_) => "kube_read",
+            Error::GetCatalog(_) | Error::GetBake(_) | Error::ListBakes(_) => "kube_read",
             Error::CreateConfigMap(_)
             | Error::CreatePod(_)
             | Error::PatchStatus(_)
-            | Error::PatchMetadata(_)
             | Error::PatchFinalizers(_)
             | Error::Conflict(_)
             | Error::PatchCatalogStatus(_)

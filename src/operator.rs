@@ -9,7 +9,7 @@ use tracing::{error, info};
 
 use crate::aws::Ec2;
 use crate::bake::controller::{self, Context};
-use crate::bake::watch::SharedBakes;
+use crate::bake::watch::Caches;
 use crate::config::OperatorConfig;
 use crate::http::{self, Health, Role};
 use crate::leader::{self, LeaderElector, LeaderError};
@@ -149,14 +149,15 @@ pub async fn run(
     };
 
     let watch_namespace = config.watch_namespace.clone();
-    let mut ctx = Context::new(client.clone(), ec2, config);
+    let caches = Caches::new();
+    let mut ctx = Context::new(client.clone(), ec2, config, caches.stores());
     ctx.health = health.clone();
     let ctx = Arc::new(ctx);
 
     if !serve.leader_election {
         health.set_role(Role::Single);
         return tokio::select! {
-            _ = run_controllers(ctx, catalogs) => Ok(()),
+            _ = run_controllers(ctx, catalogs, caches) => Ok(()),
             e = server_failed => Err(e),
         };
     }
@@ -184,7 +185,7 @@ pub async fn run(
     }
     info!(identity = %elector.identity(), "leading: starting the controllers");
     tokio::select! {
-        _ = run_controllers(ctx, catalogs) => {
+        _ = run_controllers(ctx, catalogs, caches) => {
             elector.release().await;
             Ok(())
         }
@@ -196,20 +197,21 @@ pub async fn run(
     }
 }
 
-/// Both controllers in one process, on one shared watch of Bakes; each stops on the shutdown
-/// signal, and the watch with them.
-async fn run_controllers(bakes: Arc<Context>, catalogs: Arc<crate::catalog::controller::Context>) {
+/// Both controllers in one process, on the process's shared caches; each stops on the shutdown
+/// signal, and the watches with them.
+async fn run_controllers(
+    bakes: Arc<Context>,
+    catalogs: Arc<crate::catalog::controller::Context>,
+    caches: Caches,
+) {
     let health = bakes.health.clone();
-    let api: kube::Api<crate::api::Bake> = match &bakes.config.watch_namespace {
-        Some(ns) => kube::Api::namespaced(bakes.client.clone(), ns),
-        None => kube::Api::all(bakes.client.clone()),
-    };
-    let shared = SharedBakes::default();
-    // Every consumer subscribes before the watch starts, so none misses the first list.
-    let bake_controller = controller::run(bakes, &shared);
-    let catalog_controller = crate::catalog::controller::run(catalogs, health.clone(), shared.subscribe());
+    // Every consumer subscribes before the watches start, so none misses the first list.
+    let bake_controller = controller::run(bakes.clone(), &caches);
+    let catalog_controller =
+        crate::catalog::controller::run(catalogs, health.clone(), caches.bakes.subscribe());
+    let namespace = bakes.config.watch_namespace.clone();
     tokio::select! {
-        _ = shared.run(api, health) => {}
+        _ = caches.run(bakes.client.clone(), namespace.as_deref(), health) => {}
         _ = async { tokio::join!(bake_controller, catalog_controller) } => {}
     }
 }

@@ -35,15 +35,14 @@ pub enum Cleanup {
 
 pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
     let b = BakeRef::new(bake)?;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
     let pod_name = pod::pod_name(&b.name);
-    if let Some(pod) = pods
-        .get_opt(&pod_name)
-        .await
-        .map_err(Error::GetPod)?
+    if let Some(pod) = ctx
+        .stores
+        .pod(&b.namespace, &pod_name)
         .filter(|p| p.owner_references().iter().any(|o| o.uid == b.uid))
         && !pod_is_done(&pod)
     {
+        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
         if pod.metadata.deletion_timestamp.is_none() {
             let grace = ctx.config.bake_grace_seconds.max(0);
             let params = DeleteParams {

@@ -5,26 +5,26 @@
 //! and `status.podUid` once the pod is seen. A Bake with a recorded pod UID whose pod is gone is
 //! never baked again; its AMI, if any, is found in EC2 by the Bake's UID tag.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::ObjectRef;
-use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
 use super::key;
 use super::pod::{self, PodInput};
-use super::queue::{self, Decision};
+use super::queue::{self, Decision, Expectations};
 use super::status::{self, PodOutcome, Reason, Transition};
-use super::watch::SharedBakes;
+use super::watch::{Caches, Stores};
 use crate::api::bake::ReusedImage;
 use crate::api::{AmiCatalog, Bake, BakeStatus, BakeTemplate, keys};
 use crate::aws::Ec2;
@@ -39,16 +39,35 @@ pub const FIELD_MANAGER: &str = "baker";
 /// How long to wait for EC2 to list an AMI that packer reported, before failing the Bake.
 const IMAGE_VISIBILITY_GRACE: Duration = Duration::from_secs(300);
 
+/// How long a pod this process created may take to show up in the pod cache before a reconcile
+/// that does not see it creates the Bake's children again (create-if-absent, so harmless).
+const POD_CACHE_GRACE: Duration = Duration::from_secs(30);
+
 /// Shared state of the Bake controller.
 pub struct Context {
     pub client: Client,
     pub ec2: Ec2,
     pub config: OperatorConfig,
     pub recorder: Recorder,
+    /// The process's caches of Bakes, bake pods and BakeTemplates.
+    pub stores: Stores,
     /// Held while deciding whether a Bake may launch and recording that it did.
     pub launch_lock: tokio::sync::Mutex<()>,
+    /// Launches and releases this process made that the Bake cache may not show yet.
+    expectations: Mutex<Expectations>,
+    /// Bakes whose pod this process created, and when: until the pod cache shows the pod, a
+    /// reconcile need not create it again.
+    created: Mutex<HashMap<String, Instant>>,
+    /// Bakes to reconcile now, for wake-ups the watch cannot deliver (a deleted Bake's slot).
+    wake: futures::channel::mpsc::UnboundedSender<ObjectRef<Bake>>,
+    woken: Mutex<Option<futures::channel::mpsc::UnboundedReceiver<ObjectRef<Bake>>>>,
     /// Cache readiness and leadership, for `/readyz` and `/metrics`.
     pub health: Arc<crate::http::Health>,
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked (plain maps and sets).
+fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The Event recorder both controllers use: controller `baker`, instance the pod's name, so
@@ -62,15 +81,42 @@ pub fn recorder(client: &Client) -> Recorder {
 }
 
 impl Context {
-    pub fn new(client: Client, ec2: Ec2, config: OperatorConfig) -> Self {
+    pub fn new(client: Client, ec2: Ec2, config: OperatorConfig, stores: Stores) -> Self {
         let recorder = recorder(&client);
+        let (wake, woken) = futures::channel::mpsc::unbounded();
         Self {
             client,
             ec2,
             config,
             recorder,
+            stores,
             launch_lock: tokio::sync::Mutex::new(()),
+            expectations: Mutex::new(Expectations::default()),
+            created: Mutex::new(HashMap::new()),
+            wake,
+            woken: Mutex::new(Some(woken)),
             health: Arc::new(crate::http::Health::default()),
+        }
+    }
+
+    /// Every Bake in scope as the launch gate sees it: the cache, with this process's own launches
+    /// and releases laid over it. No API request.
+    fn bake_views(&self) -> Vec<queue::BakeView> {
+        let cached = self
+            .stores
+            .bakes
+            .state()
+            .iter()
+            .map(|b| queue::BakeView::from_bake(b))
+            .collect();
+        locked(&self.expectations).overlay(cached)
+    }
+
+    /// Reconciles these Bakes soon (they may be able to start now).
+    fn wake_all(&self, bakes: Vec<Arc<Bake>>) {
+        for b in bakes {
+            // Fails only once the controller stopped: nothing left to wake.
+            let _ = self.wake.unbounded_send(ObjectRef::from_obj(&*b));
         }
     }
 }
@@ -110,6 +156,8 @@ pub const FINALIZER: &str = "baker.io/cleanup";
 #[instrument(skip_all, fields(bake = %bake.name_any(), namespace = bake.namespace().unwrap_or_default()))]
 pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
     crate::metrics::global().reconciles.inc();
+    // Until every cache has synced, a pod missing from the cache may just not be listed yet.
+    ctx.stores.synced.wait().await;
     let has_finalizer = bake.finalizers().iter().any(|f| f == FINALIZER);
     if bake.metadata.deletion_timestamp.is_some() {
         if !has_finalizer {
@@ -118,6 +166,13 @@ pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
         return match super::cleanup::cleanup(&bake, &ctx).await? {
             super::cleanup::Cleanup::Done => {
                 set_finalizer(&bake, &ctx, false).await?;
+                // Its slot (or the image others waited for) is free: the watch delivers no event
+                // for a Bake that is gone, so wake the waiting Bakes from here.
+                if let Some(uid) = bake.uid() {
+                    locked(&ctx.expectations).released(&uid);
+                    locked(&ctx.created).remove(&uid);
+                }
+                ctx.wake_all(queue::wake_on_end(&bake, &ctx.stores.bakes.state()));
                 Ok(Action::await_change())
             }
             super::cleanup::Cleanup::Pending(action) => Ok(action),
@@ -169,12 +224,10 @@ async fn apply(bake: &Bake, ctx: &Context) -> Result<Action> {
         tracing::debug!("finished and up to date");
         return Ok(Action::await_change());
     }
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
     let pod_name = pod::pod_name(&b.name);
-    let pod = pods
-        .get_opt(&pod_name)
-        .await
-        .map_err(Error::GetPod)?
+    let pod = ctx
+        .stores
+        .pod(&b.namespace, &pod_name)
         .filter(|p| p.owner_references().iter().any(|o| o.uid == b.uid));
     // The launch is recorded before the pod is created, so a pod of this Bake with no record in
     // status means the cache has not caught up with our own write yet (the pod's event came
@@ -199,6 +252,8 @@ async fn apply(bake: &Bake, ctx: &Context) -> Result<Action> {
         Some(p) if seen_uid.is_none() || seen_uid == p.uid() => observe_pod(&b, ctx, &p).await,
         // Seen once, gone (or replaced) now: never run packer twice for one Bake.
         _ if seen_uid.is_some() => pod_vanished(&b, ctx, None).await,
+        // Launched, pod not seen yet: the slot is held already, so only create what is missing.
+        _ if launch_recorded(b.status()) => resume(&b, ctx).await,
         _ => launch(&b, ctx).await,
     }
 }
@@ -211,46 +266,41 @@ fn requeue_for(reason: Reason) -> Action {
         // A catalog fills when its own sync (or a Bake of the base image) lists an image.
         Reason::SourceCatalogEmpty => Action::requeue(Duration::from_secs(10)),
         Reason::AwaitingImage => Action::requeue(Duration::from_secs(2)),
-        // Woken when another Bake ends; this is the safety net.
-        Reason::Queued | Reason::WaitingForIdenticalBake => Action::requeue(Duration::from_secs(15)),
+        // Woken when another Bake ends (or a deleted one releases its slot); a waiting Bake costs
+        // nothing, and this is only the safety net.
+        Reason::Queued | Reason::WaitingForIdenticalBake => Action::requeue(Duration::from_secs(300)),
         r if r.phase().is_terminal() => Action::await_change(),
         // The pod watch wakes us on progress; this is only a safety net.
         _ => Action::requeue(Duration::from_secs(300)),
     }
 }
 
-async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
+/// What a launch needs, gathered from the caches (and, once per Bake, EC2 or a catalog for the
+/// source image).
+struct Prepared {
+    template: Arc<BakeTemplate>,
+    source_ami: String,
+    bake_key: String,
+    rendered: String,
+}
+
+/// Gathers the template, the source image and the rendered template with its key; or the
+/// transition that says why the Bake cannot start yet.
+async fn prepare(b: &BakeRef<'_>, ctx: &Context) -> Result<std::result::Result<Prepared, Transition>> {
     let spec = &b.bake.spec;
-    // Bake pods are privileged: they run only where the admin allowed them.
-    if !ctx.config.bake_namespace_allowed(&b.namespace) {
-        let t = Transition::new(
-            Reason::NamespaceNotAllowed,
-            format!(
-                "bake pods may not run in namespace {}; the operator's admin allows: {}",
-                b.namespace,
-                ctx.config.bake_namespaces.join(", ")
-            ),
-        );
-        return finish(b, ctx, t, None).await;
-    }
-    let templates: Api<BakeTemplate> = Api::all(ctx.client.clone());
-    let Some(template) = templates
-        .get_opt(&spec.template)
-        .await
-        .map_err(Error::GetTemplate)?
-    else {
-        let t = Transition::new(
+    let Some(template) = ctx.stores.template(&spec.template) else {
+        return Ok(Err(Transition::new(
             Reason::TemplateNotFound,
             format!(
                 "BakeTemplate {:?} does not exist; the Bake starts once it is created",
                 spec.template
             ),
-        );
-        return finish(b, ctx, t, None).await;
+        )));
     };
     let tspec = &template.spec;
 
-    // The source image is resolved once and recorded, so a re-render after a restart is identical.
+    // The source image is resolved once and recorded, so a re-render after a restart is identical
+    // and a waiting Bake never asks EC2 again.
     let recorded = b.status().and_then(|s| s.source_ami_id.clone());
     let source_ami = match (recorded, &tspec.source.ami_id, &tspec.source.filter) {
         (Some(id), _, _) => id,
@@ -267,14 +317,13 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
                     } else {
                         "does not exist, so it lists no"
                     };
-                    let t = Transition::new(
+                    return Ok(Err(Transition::new(
                         Reason::SourceCatalogEmpty,
                         format!(
                             "AmiCatalog {:?} (the source of BakeTemplate {:?}) {what} {virt} image; the Bake starts once it does",
                             source.name, spec.template
                         ),
-                    );
-                    return finish(b, ctx, t, None).await;
+                    )));
                 }
             }
         }
@@ -285,7 +334,7 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
         {
             Ok(Some(image)) => image.image_id,
             Ok(None) => {
-                let t = Transition::new(
+                return Ok(Err(Transition::new(
                     Reason::SourceImageNotFound,
                     format!(
                         "no available {} image in {} matches the source filter of BakeTemplate {:?}",
@@ -293,25 +342,15 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
                         tspec.region,
                         spec.template
                     ),
-                );
-                return finish(b, ctx, t, None).await;
+                )));
             }
-            Err(e) => {
-                return finish(
-                    b,
-                    ctx,
-                    Transition::new(Reason::Ec2Unavailable, e.to_string()),
-                    None,
-                )
-                .await;
-            }
+            Err(e) => return Ok(Err(Transition::new(Reason::Ec2Unavailable, e.to_string()))),
         },
         (None, None, None) => {
-            let t = Transition::new(
+            return Ok(Err(Transition::new(
                 Reason::InvalidTemplate,
                 "the BakeTemplate sets none of source.amiId, source.filter or source.catalog",
-            );
-            return finish(b, ctx, t, None).await;
+            )));
         }
     };
 
@@ -340,58 +379,83 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     };
     let rendered = match packer::render_string(&input) {
         Ok(r) => r,
-        Err(e) => {
-            return finish(
-                b,
-                ctx,
-                Transition::new(Reason::InvalidTemplate, e.to_string()),
-                None,
-            )
-            .await;
-        }
+        Err(e) => return Ok(Err(Transition::new(Reason::InvalidTemplate, e.to_string()))),
     };
+    Ok(Ok(Prepared {
+        template,
+        source_ami,
+        bake_key,
+        rendered,
+    }))
+}
 
-    // An identical image made earlier (by any Bake, in any cluster) is reused.
+async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
+    let spec = &b.bake.spec;
+    // Bake pods are privileged: they run only where the admin allowed them.
+    if !ctx.config.bake_namespace_allowed(&b.namespace) {
+        let t = Transition::new(
+            Reason::NamespaceNotAllowed,
+            format!(
+                "bake pods may not run in namespace {}; the operator's admin allows: {}",
+                b.namespace,
+                ctx.config.bake_namespaces.join(", ")
+            ),
+        );
+        return finish(b, ctx, t, None).await;
+    }
+    let p = match prepare(b, ctx).await? {
+        Ok(p) => p,
+        Err(t) => return finish(b, ctx, t, None).await,
+    };
+    let region = p.template.spec.region.clone();
+
+    // An identical image made earlier (by any Bake, in any cluster) is reused. EC2 is asked once
+    // per key: a Bake that waits has recorded the key it already looked up.
+    let looked_up = b.status().and_then(|s| s.bake_key.as_deref()) == Some(p.bake_key.as_str());
     if !spec.rebake
+        && !looked_up
         && let Some(image) = ctx
             .ec2
-            .images_tagged(&tspec.region, keys::BAKE_KEY, &bake_key)
+            .images_tagged(&region, keys::BAKE_KEY, &p.bake_key)
             .await?
             .into_iter()
             .find(|i| i.state.as_deref() == Some("available"))
     {
         let from = image.tags.get(keys::BAKE).cloned();
-        return reuse(b, ctx, &bake_key, &tspec.region, image.image_id, from).await;
+        return reuse(b, ctx, &p.bake_key, &region, image.image_id, from).await;
     }
 
-    // Deciding to launch and recording the launch happen under one lock, against a fresh list of
-    // Bakes, so two identical Bakes, or two Bakes racing for the last slot, never both start.
+    // Deciding to launch and recording the launch happen under one lock, against the cache with
+    // this process's unseen launches laid over it, so two identical Bakes, or two Bakes racing
+    // for the last slot, never both start.
     let guard = ctx.launch_lock.lock().await;
-    ensure_key_label(b, ctx, &bake_key).await?;
-    let all = list_bakes(ctx).await?;
-    let me = queue::BakeView::from_bake(b.bake);
+    let mut me = queue::BakeView::from_bake(b.bake);
+    me.key = Some(p.bake_key.clone());
+    let all = ctx.bake_views();
     let limits = queue::Limits {
         global: ctx.config.max_concurrent_bakes.max(1),
         per_namespace: ctx.config.max_concurrent_bakes_per_namespace.map(|n| n.max(1)),
     };
-    match queue::decide(&me, &bake_key, spec.rebake, &all, limits) {
-        Decision::Launch => {}
+    let waiting = match queue::decide(&me, &p.bake_key, spec.rebake, &all, limits) {
+        Decision::Launch => None,
         Decision::Reuse { ami_id, from } => {
             drop(guard);
-            return reuse(b, ctx, &bake_key, &tspec.region, ami_id, Some(from)).await;
+            return reuse(b, ctx, &p.bake_key, &region, ami_id, Some(from)).await;
         }
-        Decision::WaitForIdentical { other } => {
-            drop(guard);
-            let t = Transition::new(
-                Reason::WaitingForIdenticalBake,
-                format!("Bake {other} is baking the identical image; this Bake will reuse its AMI"),
-            );
-            return finish_with_key(b, ctx, t, &bake_key).await;
-        }
-        Decision::Queued { message } => {
-            drop(guard);
-            return finish_with_key(b, ctx, Transition::new(Reason::Queued, message), &bake_key).await;
-        }
+        Decision::WaitForIdentical { other } => Some(Transition::new(
+            Reason::WaitingForIdenticalBake,
+            format!("Bake {other} is baking the identical image; this Bake will reuse its AMI"),
+        )),
+        Decision::Queued { message } => Some(Transition::new(Reason::Queued, message)),
+    };
+    if let Some(t) = waiting {
+        drop(guard);
+        // The key and the source are recorded, so the Bake waits without asking EC2 again.
+        let mut next = status::apply(b.status(), b.bake.metadata.generation, &t, &now());
+        next.bake_key = Some(p.bake_key.clone());
+        next.source_ami_id = Some(p.source_ami.clone());
+        next.region = Some(region);
+        return write_if_changed(b, ctx, next, &t).await;
     }
 
     // Record the launch before creating anything: a restart from here on finds the pod by name.
@@ -403,35 +467,19 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
         &now(),
     );
     launched.pod_name = Some(pod_name.clone());
-    launched.source_ami_id = Some(source_ami);
-    launched.region = Some(tspec.region.clone());
-    launched.bake_key = Some(bake_key.clone());
+    launched.source_ami_id = Some(p.source_ami.clone());
+    launched.region = Some(region);
+    launched.bake_key = Some(p.bake_key.clone());
     launched.started_at = launched.started_at.or_else(|| Some(now()));
     write_status(b, ctx, &launched).await?;
+    me.launched = true;
+    me.phase = launched.phase;
+    locked(&ctx.expectations).launched(me);
     drop(guard);
     failpoint::hit(failpoint::LAUNCH_RECORDED);
 
-    let owner = b
-        .bake
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingField("metadata.uid"))?;
-    let pod_input = PodInput {
-        bake_name: &b.name,
-        namespace: &b.namespace,
-        owner,
-        service: &spec.service,
-        template: tspec,
-        config: &ctx.config,
-    };
-    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &b.namespace);
-    create_if_absent(&config_maps, &pod::template_config_map(&pod_input, &rendered))
-        .await
-        .map_err(Error::CreateConfigMap)?;
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
-    create_if_absent(&pods, &pod::bake_pod(&pod_input))
-        .await
-        .map_err(Error::CreatePod)?;
-    info!(pod = %pod_name, key = %bake_key, "launched bake pod");
+    create_children(b, ctx, &p).await?;
+    info!(pod = %pod_name, key = %p.bake_key, "launched bake pod");
     publish(
         b,
         ctx,
@@ -441,6 +489,51 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     )
     .await;
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// A launch is recorded but its pod is not in the cache: this process created it a moment ago (its
+/// watch event is on the way), or a restart came between the record and the pod. Creates what is
+/// missing, from the recorded source, without deciding again: the slot was taken by the record.
+async fn resume(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
+    let recent = locked(&ctx.created)
+        .get(&b.uid)
+        .is_some_and(|at| at.elapsed() < POD_CACHE_GRACE);
+    if recent {
+        return Ok(Action::requeue(POD_CACHE_GRACE));
+    }
+    let p = match prepare(b, ctx).await? {
+        Ok(p) => p,
+        Err(t) => return finish(b, ctx, t, None).await,
+    };
+    create_children(b, ctx, &p).await?;
+    info!(key = %p.bake_key, "resumed the launch of the bake pod");
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Creates the template ConfigMap and the bake pod, unless they exist.
+async fn create_children(b: &BakeRef<'_>, ctx: &Context, p: &Prepared) -> Result<()> {
+    let owner = b
+        .bake
+        .controller_owner_ref(&())
+        .ok_or(Error::MissingField("metadata.uid"))?;
+    let pod_input = PodInput {
+        bake_name: &b.name,
+        namespace: &b.namespace,
+        owner,
+        service: &b.bake.spec.service,
+        template: &p.template.spec,
+        config: &ctx.config,
+    };
+    let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &b.namespace);
+    create_if_absent(&config_maps, &pod::template_config_map(&pod_input, &p.rendered))
+        .await
+        .map_err(Error::CreateConfigMap)?;
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
+    create_if_absent(&pods, &pod::bake_pod(&pod_input))
+        .await
+        .map_err(Error::CreatePod)?;
+    locked(&ctx.created).insert(b.uid.clone(), Instant::now());
+    Ok(())
 }
 
 /// Succeeds a Bake with an image it did not bake itself.
@@ -471,37 +564,6 @@ async fn reuse(
     write_if_changed(b, ctx, next, &t).await
 }
 
-/// Finishes a waiting transition, recording the bake key.
-async fn finish_with_key(b: &BakeRef<'_>, ctx: &Context, t: Transition, bake_key: &str) -> Result<Action> {
-    let mut next = status::apply(b.status(), b.bake.metadata.generation, &t, &now());
-    next.bake_key = Some(bake_key.to_string());
-    write_if_changed(b, ctx, next, &t).await
-}
-
-/// Labels the Bake with its key, so Bakes with equal keys can be listed by label.
-async fn ensure_key_label(b: &BakeRef<'_>, ctx: &Context, bake_key: &str) -> Result<()> {
-    if b.bake.labels().get(keys::BAKE_KEY).map(String::as_str) == Some(bake_key) {
-        return Ok(());
-    }
-    let api: Api<Bake> = Api::namespaced(ctx.client.clone(), &b.namespace);
-    let patch = json!({ "metadata": { "labels": { keys::BAKE_KEY: bake_key } } });
-    api.patch(&b.name, &PatchParams::default(), &Patch::Merge(&patch))
-        .await
-        .map_err(Error::PatchMetadata)?;
-    Ok(())
-}
-
-/// Every Bake in the operator's scope, read fresh from the API server (not a cache), with our own
-/// label as it is now.
-async fn list_bakes(ctx: &Context) -> Result<Vec<queue::BakeView>> {
-    let api: Api<Bake> = match &ctx.config.watch_namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    let list = api.list(&ListParams::default()).await.map_err(Error::ListBakes)?;
-    Ok(list.items.iter().map(queue::BakeView::from_bake).collect())
-}
-
 async fn create_if_absent<K>(api: &Api<K>, object: &K) -> std::result::Result<(), kube::Error>
 where
     K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
@@ -523,6 +585,8 @@ where
 }
 
 async fn observe_pod(b: &BakeRef<'_>, ctx: &Context, pod: &Pod) -> Result<Action> {
+    // The pod is in the cache now: no need to remember creating it.
+    locked(&ctx.created).remove(&b.uid);
     let name = pod.name_any();
     let pod_uid = pod.uid();
     let outcome = status::pod_outcome(pod);
@@ -608,21 +672,18 @@ fn launch_recorded(status: Option<&BakeStatus>) -> bool {
 
 /// The region the Bake was launched in: the launch record, else (a status that lost its record)
 /// the region of its BakeTemplate now.
-async fn region_of(b: &BakeRef<'_>, ctx: &Context) -> Result<Option<String>> {
+fn region_of(b: &BakeRef<'_>, ctx: &Context) -> Option<String> {
     if let Some(region) = b.status().and_then(|s| s.region.clone()) {
-        return Ok(Some(region));
+        return Some(region);
     }
-    let templates: Api<BakeTemplate> = Api::all(ctx.client.clone());
-    Ok(templates
-        .get_opt(&b.bake.spec.template)
-        .await
-        .map_err(Error::GetTemplate)?
-        .map(|t| t.spec.region))
+    ctx.stores
+        .template(&b.bake.spec.template)
+        .map(|t| t.spec.region.clone())
 }
 
 /// An available image tagged with this Bake's UID: proof the bake produced its AMI.
 async fn adoptable_image(b: &BakeRef<'_>, ctx: &Context) -> Result<Option<String>> {
-    let Some(region) = region_of(b, ctx).await? else {
+    let Some(region) = region_of(b, ctx) else {
         return Ok(None);
     };
     let images = ctx.ec2.images_tagged(&region, keys::BAKE_UID, &b.uid).await?;
@@ -639,7 +700,7 @@ async fn confirm_image(
     manifest: &str,
     finished: Option<jiff::Timestamp>,
 ) -> Result<Transition> {
-    let region = region_of(b, ctx).await?.unwrap_or_default();
+    let region = region_of(b, ctx).unwrap_or_default();
     let reported = packer::artifacts(manifest, &b.uid);
     let tagged = ctx.ec2.images_tagged(&region, keys::BAKE_UID, &b.uid).await?;
     let available = |id: &str| {
@@ -814,22 +875,16 @@ fn error_policy(_bake: Arc<Bake>, error: &Error, _ctx: Arc<Context>) -> Action {
     Action::requeue(Duration::from_secs(15))
 }
 
-/// The Bake controller on the process's shared Bake watch, subscribed at once; the future runs it
-/// until a shutdown signal.
-pub fn run(ctx: Arc<Context>, bakes: &SharedBakes) -> impl Future<Output = ()> + use<> {
-    let client = ctx.client.clone();
-    let pods: Api<Pod> = match &ctx.config.watch_namespace {
-        Some(ns) => Api::namespaced(client.clone(), ns),
-        None => Api::all(client.clone()),
-    };
-    let templates: Api<BakeTemplate> = Api::all(client.clone());
-    let managed = format!("{}={}", keys::MANAGED_BY, keys::MANAGED_BY_VALUE);
-    let store = bakes.store();
-    let queue_store = bakes.store();
-    Controller::for_shared_stream(bakes.subscribe(), bakes.store())
-        .owns(pods, watcher::Config::default().labels(&managed))
+/// The Bake controller on the process's caches, subscribed at once; the future runs it until a
+/// shutdown signal.
+pub fn run(ctx: Arc<Context>, caches: &Caches) -> impl Future<Output = ()> + use<> {
+    let store = caches.bakes.store();
+    let queue_store = caches.bakes.store();
+    let woken = locked(&ctx.woken).take();
+    let mut controller = Controller::for_shared_stream(caches.bakes.subscribe(), caches.bakes.store())
+        .owns_shared_stream(caches.pods.subscribe())
         // A Bake that ends frees a slot, or an image: the Bakes waiting for it look again at once.
-        .watches_shared_stream(bakes.subscribe(), move |bake: Arc<Bake>| {
+        .watches_shared_stream(caches.bakes.subscribe(), move |bake: Arc<Bake>| {
             if !bake.phase().is_some_and(|p| p.is_terminal()) {
                 return Vec::new();
             }
@@ -839,15 +894,22 @@ pub fn run(ctx: Arc<Context>, bakes: &SharedBakes) -> impl Future<Output = ()> +
                 .collect::<Vec<_>>()
         })
         // A Bake waiting for its template starts as soon as the template appears.
-        .watches(templates, watcher::Config::default(), move |template| {
-            let name = template.name_any();
-            store
-                .state()
-                .into_iter()
-                .filter(|b| b.spec.template == name && !b.phase().is_some_and(|p| p.is_terminal()))
-                .map(|b| ObjectRef::from_obj(&*b))
-                .collect::<Vec<_>>()
-        })
+        .watches_shared_stream(
+            caches.templates.subscribe(),
+            move |template: Arc<BakeTemplate>| {
+                let name = template.name_any();
+                store
+                    .state()
+                    .into_iter()
+                    .filter(|b| b.spec.template == name && !b.phase().is_some_and(|p| p.is_terminal()))
+                    .map(|b| ObjectRef::from_obj(&*b))
+                    .collect::<Vec<_>>()
+            },
+        );
+    if let Some(woken) = woken {
+        controller = controller.reconcile_on(woken);
+    }
+    controller
         .shutdown_on_signal()
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {

@@ -1,8 +1,14 @@
 //! Deciding whether a Bake may start its pod now: deduplication against identical bakes, and the
-//! operator-wide and per-namespace concurrency limits, first come first served. Pure: it sees a
-//! fresh list of Bakes and returns a decision.
+//! operator-wide and per-namespace concurrency limits, first come first served. Pure: it sees the
+//! cached Bakes, with this process's own launches laid over them ([`Expectations`]), and returns a
+//! decision.
+//!
+//! Everything the gate reads comes from status Baker wrote (the key, the launch record), never
+//! from labels or annotations a tenant could set.
 
-use crate::api::{Bake, BakePhase, keys};
+use std::collections::{HashMap, HashSet};
+
+use crate::api::{Bake, BakePhase};
 use kube::ResourceExt;
 
 /// What the gate needs to know about a Bake.
@@ -40,7 +46,7 @@ impl BakeView {
                 .and_then(|s| crate::api::conditions::find(&s.conditions, crate::api::conditions::READY))
                 .map(|c| c.reason.clone()),
             launched: status.is_some_and(|s| s.pod_name.is_some()),
-            key: bake.labels().get(keys::BAKE_KEY).cloned(),
+            key: status.and_then(|s| s.bake_key.clone()),
             ami_id: status.and_then(|s| s.ami_id.clone()),
         }
     }
@@ -127,24 +133,25 @@ pub fn decide(me: &BakeView, key: &str, rebake: bool, all: &[BakeView], limits: 
     }
     let active = others.iter().filter(|b| b.active()).count();
     let active_in = |ns: &str| others.iter().filter(|b| b.active() && b.namespace == ns).count();
+    // Messages name the limit, never live counts: a queued Bake's status changes only when its
+    // own situation does, not whenever another Bake starts or ends.
     if active >= limits.global {
         return Decision::Queued {
             message: format!(
-                "queued: {active} bake(s) running, the operator-wide limit is {}",
+                "queued: the operator-wide limit of {} running bake(s) is reached; this Bake starts when a slot frees",
                 limits.global
             ),
         };
     }
-    if let Some(cap) = limits.per_namespace {
-        let active_ns = active_in(&me.namespace);
-        if active_ns >= cap {
-            return Decision::Queued {
-                message: format!(
-                    "queued: {active_ns} bake(s) running in namespace {}, its limit is {cap}",
-                    me.namespace
-                ),
-            };
-        }
+    if let Some(cap) = limits.per_namespace
+        && active_in(&me.namespace) >= cap
+    {
+        return Decision::Queued {
+            message: format!(
+                "queued: the limit of {cap} running bake(s) in namespace {} is reached; this Bake starts when a slot frees",
+                me.namespace
+            ),
+        };
     }
     // First come, first served: an older Bake that could start now goes first. One held back by
     // its own namespace's limit does not hold up others.
@@ -159,7 +166,7 @@ pub fn decide(me: &BakeView, key: &str, rebake: bool, all: &[BakeView], limits: 
         .count();
     if ahead > 0 {
         return Decision::Queued {
-            message: format!("queued: {ahead} older Bake(s) start first"),
+            message: "queued: older Bakes start first".into(),
         };
     }
     Decision::Launch
@@ -172,14 +179,15 @@ const WAKE_QUEUED: usize = 3;
 /// The Bakes to look at again when `ended` reached a terminal phase: those waiting for an
 /// identical image (they can reuse it now) and the oldest few queued for a slot.
 pub fn wake_on_end<B: std::ops::Deref<Target = Bake> + Clone>(ended: &Bake, all: &[B]) -> Vec<B> {
-    let key = ended.labels().get(keys::BAKE_KEY);
+    let key_of = |b: &Bake| b.status.as_ref().and_then(|s| s.bake_key.clone());
+    let key = key_of(ended);
     let queued: Vec<&B> = all
         .iter()
         .filter(|b| b.phase() == Some(BakePhase::Queued))
         .collect();
     let mut wake: Vec<B> = queued
         .iter()
-        .filter(|b| key.is_some() && b.labels().get(keys::BAKE_KEY) == key)
+        .filter(|b| key.is_some() && key_of(b) == key)
         .map(|b| (*b).clone())
         .collect();
     let mut by_age: Vec<(BakeView, &B)> = queued.iter().map(|b| (BakeView::from_bake(b), *b)).collect();
@@ -190,6 +198,61 @@ pub fn wake_on_end<B: std::ops::Deref<Target = Bake> + Clone>(ended: &Bake, all:
         }
     }
     wake
+}
+
+/// Launches and releases this process made that the shared cache may not show yet: the
+/// "expectations" of controller-runtime. Decisions read the cache through it, so a launch recorded
+/// a moment ago holds its slot (and its key) even before its watch event arrives, and decisions
+/// need no fresh LIST.
+#[derive(Debug, Default)]
+pub struct Expectations {
+    launched: HashMap<String, BakeView>,
+    released: HashSet<String>,
+}
+
+impl Expectations {
+    /// This process recorded the launch of `view` (launched, with its key).
+    pub fn launched(&mut self, view: BakeView) {
+        self.released.remove(&view.uid);
+        self.launched.insert(view.uid.clone(), view);
+    }
+
+    /// A deleted Bake finished its cleanup: it holds no slot and offers no image any more, whatever
+    /// the cache still says.
+    pub fn released(&mut self, uid: &str) {
+        self.launched.remove(uid);
+        self.released.insert(uid.to_string());
+    }
+
+    /// Expectations not yet confirmed by the cache.
+    pub fn pending(&self) -> usize {
+        self.launched.len() + self.released.len()
+    }
+
+    /// `cached` with this process's unseen writes laid over it. Forgets what the cache has caught
+    /// up with: a launch it shows (or a Bake already finished), a released Bake it no longer lists.
+    pub fn overlay(&mut self, cached: Vec<BakeView>) -> Vec<BakeView> {
+        let listed: HashSet<&str> = cached.iter().map(|v| v.uid.as_str()).collect();
+        self.released.retain(|uid| listed.contains(uid.as_str()));
+        self.launched.retain(|uid, _| listed.contains(uid.as_str()));
+        let mut seen = Vec::new();
+        let views = cached
+            .into_iter()
+            .filter(|v| !self.released.contains(&v.uid))
+            .map(|v| match self.launched.get(&v.uid) {
+                Some(_) if v.launched || v.terminal() => {
+                    seen.push(v.uid.clone());
+                    v
+                }
+                Some(expected) => expected.clone(),
+                None => v,
+            })
+            .collect();
+        for uid in seen {
+            self.launched.remove(&uid);
+        }
+        views
+    }
 }
 
 #[cfg(test)]
@@ -371,12 +434,12 @@ mod tests {
         );
         b.metadata.uid = Some(name.into());
         b.metadata.namespace = Some("ns".into());
-        b.metadata.labels = Some([(keys::BAKE_KEY.to_string(), key.to_string())].into());
         b.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
             jiff::Timestamp::from_second(created).unwrap_or(jiff::Timestamp::UNIX_EPOCH),
         ));
         b.status = Some(BakeStatus {
             phase,
+            bake_key: Some(key.into()),
             ..Default::default()
         });
         std::sync::Arc::new(b)
@@ -395,5 +458,80 @@ mod tests {
         ];
         let woken: Vec<String> = wake_on_end(&ended, &all).iter().map(|b| b.name_any()).collect();
         assert_eq!(woken, ["same-key", "q1", "q2", "q3"]);
+    }
+
+    #[test]
+    fn a_launch_not_yet_in_the_cache_holds_its_slot_and_key() {
+        let mut expect = Expectations::default();
+        let cached = vec![view("a", 1), view("b", 2)];
+        expect.launched(BakeView {
+            key: Some("k".into()),
+            ..running("a", 1)
+        });
+        let all = expect.overlay(cached.clone());
+        let me = BakeView {
+            key: Some("k".into()),
+            ..view("b", 2)
+        };
+        assert_eq!(
+            decide(&me, "k", false, &all, TWO),
+            Decision::WaitForIdentical { other: "ns/a".into() },
+            "the unseen launch is identical and under way"
+        );
+        assert!(matches!(
+            decide(&view("b", 2), "key-b", false, &all, ONE),
+            Decision::Queued { .. }
+        ));
+        assert_eq!(expect.pending(), 1, "the cache has not shown the launch yet");
+    }
+
+    #[test]
+    fn an_expectation_is_forgotten_once_the_cache_shows_the_launch_or_the_bake_is_gone() {
+        let mut expect = Expectations::default();
+        expect.launched(running("a", 1));
+        expect.overlay(vec![running("a", 1)]);
+        assert_eq!(expect.pending(), 0, "the cache shows the launch");
+        expect.launched(running("b", 2));
+        expect.overlay(vec![view("a", 1)]);
+        assert_eq!(expect.pending(), 0, "b is no longer listed");
+    }
+
+    #[test]
+    fn a_released_bake_frees_its_slot_before_the_cache_drops_it() {
+        let mut expect = Expectations::default();
+        expect.released("a");
+        let all = expect.overlay(vec![running("a", 1), view("b", 2)]);
+        assert_eq!(decide(&all[0], "key-b", false, &all, ONE), Decision::Launch);
+        assert_eq!(expect.pending(), 1);
+        expect.overlay(vec![view("b", 2)]);
+        assert_eq!(expect.pending(), 0, "forgotten once the Bake is gone");
+    }
+
+    #[test]
+    fn queued_messages_do_not_change_as_other_bakes_start_and_end() {
+        let me = view("z", 9);
+        let one = decide(
+            &me,
+            "key-z",
+            false,
+            &[running("a", 1), view("b", 2), me.clone()],
+            TWO,
+        );
+        let two = decide(
+            &me,
+            "key-z",
+            false,
+            &[running("a", 1), running("b", 2), view("c", 3), me.clone()],
+            TWO,
+        );
+        let three = decide(
+            &me,
+            "key-z",
+            false,
+            &[running("c", 3), running("d", 4), me.clone()],
+            TWO,
+        );
+        assert!(matches!(one, Decision::Queued { .. }));
+        assert_eq!(two, three);
     }
 }

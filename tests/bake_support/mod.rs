@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
-use crate::support::{ProcessLog, Rig, TestNamespace, try_wait_until};
+use crate::support::{ProcessLog, Rig, Seen, TestNamespace, try_wait_until, wait_progressing};
 
 /// Installs (or updates) Baker's CRDs with server-side apply and waits until they are served.
 pub async fn install_crds(rig: &Rig) -> Result<()> {
@@ -301,20 +301,26 @@ pub async fn create_bake(ns: &TestNamespace, yaml: &str) -> Result<Bake> {
 }
 
 /// Waits until the Bake reaches `phase`, and returns it. Fails early, with the status, if it
-/// reaches another terminal phase.
-pub async fn wait_for_phase(
-    api: &Api<Bake>,
-    name: &str,
-    phase: BakePhase,
-    timeout: Duration,
-) -> Result<Bake> {
+/// reaches another terminal phase, and fails when its status has not changed for `stall`, naming
+/// the phase, reason and message it was stuck at.
+pub async fn wait_for_phase(api: &Api<Bake>, name: &str, phase: BakePhase, stall: Duration) -> Result<Bake> {
     let what = format!("Bake {name} to reach {}", phase.as_str());
-    let bake = try_wait_until(timeout, &what, || async {
+    let bake = wait_progressing(stall, &what, || async {
         let bake = api.get(name).await?;
         match bake.phase() {
-            Some(p) if p == phase => Ok(Some(bake)),
-            Some(p) if p.is_terminal() => Ok(Some(bake)),
-            _ => Ok(None),
+            Some(p) if p == phase => Ok(Seen::Done(bake)),
+            Some(p) if p.is_terminal() => Ok(Seen::Done(bake)),
+            _ => Ok(Seen::Waiting {
+                state: format!(
+                    "phase {:?}, reason {:?}: {}",
+                    bake.phase(),
+                    ready_reason(&bake),
+                    bake.status
+                        .as_ref()
+                        .and_then(|s| s.message.clone())
+                        .unwrap_or_default()
+                ),
+            }),
         }
     })
     .await?;

@@ -18,6 +18,19 @@ export GOTOOLCHAIN=local CGO_ENABLED=0 GOFLAGS=-mod=mod
 
 log() { printf '[build-tools] %s\n' "$*" >&2; }
 
+# Runs a long command and says every minute that it still runs, so a cold build (tens of minutes
+# on two cores) is never silent. Exits with the command's status.
+with_progress() {
+	local what=$1; shift
+	"$@" &
+	local pid=$! start=$SECONDS
+	while kill -0 "$pid" 2>/dev/null; do
+		for _ in $(seq 60); do kill -0 "$pid" 2>/dev/null && sleep 1; done
+		kill -0 "$pid" 2>/dev/null && log "still building $what ($((SECONDS - start))s)"
+	done
+	wait "$pid"
+}
+
 need_go() {
 	command -v go >/dev/null || { log "go is required (Go >= 1.26) to build the rig's control plane"; exit 1; }
 }
@@ -47,7 +60,7 @@ build_k8s() {
 		ldf+=" -X $p.buildDate=1970-01-01T00:00:00Z"
 	done
 	mkdir -p "$bin"
-	(cd "$here/k8s" && go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags "$ldf" -o "$bin/" \
+	(cd "$here/k8s" && with_progress "the control plane" go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags "$ldf" -o "$bin/" \
 		k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
 		k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
 	for p in kube-apiserver kube-controller-manager kube-scheduler kubectl; do echo "$stamp" >"$bin/.$p.stamp"; done
@@ -59,7 +72,7 @@ build_etcd() {
 	need_go
 	log "building etcd v$ETCD_VERSION"
 	mkdir -p "$bin"
-	(cd "$here/etcd" && go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3)
+	(cd "$here/etcd" && with_progress etcd go build -trimpath -ldflags "-s -w" -o "$bin/etcd" go.etcd.io/etcd/server/v3)
 	echo "$stamp" >"$bin/.etcd.stamp"
 }
 
@@ -74,7 +87,7 @@ build_helm() {
 	local ldf="-s -w -X helm.sh/helm/v3/internal/version.version=v$HELM_VERSION"
 	ldf+=" -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/chartutil.k8sVersionMinor=$minor"
 	ldf+=" -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMajor=1 -X helm.sh/helm/v3/pkg/lint/rules.k8sVersionMinor=$minor"
-	(cd "$here/helm" && go build -trimpath -ldflags "$ldf" -o "$bin/helm" helm.sh/helm/v3/cmd/helm)
+	(cd "$here/helm" && with_progress helm go build -trimpath -ldflags "$ldf" -o "$bin/helm" helm.sh/helm/v3/cmd/helm)
 	echo "$stamp" >"$bin/.helm.stamp"
 }
 

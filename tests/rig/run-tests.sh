@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
 # `make test`: every test against the rig. If no rig was running, it brings one up and takes it
 # down at the end, even when tests fail, then checks that nothing of it survived. A rig that was
-# already running stays up (a half-dead one is repaired first). Exits with the tests' status, or
-# with the rig checks' if the tests passed.
+# already running stays up (a half-dead one is repaired first).
 #
-# Env: BAKER_RIG_DIR (state dir), CARGO_TEST_ARGS (extra arguments for `cargo test`).
+# Every test binary of the workspace runs, one after another, even when an earlier one failed;
+# moto's EC2 state is reset before each binary that uses the rig, so no binary depends on what
+# another left behind. A summary line per binary (result, counts, seconds) closes the run.
+# Exits non-zero if any binary failed, or if the rig's own checks did.
+#
+# Env: BAKER_RIG_DIR (state dir); CARGO_TEST_ARGS: run one `cargo test $CARGO_TEST_ARGS` instead
+# of every binary (e.g. CARGO_TEST_ARGS='--test restart_e2e').
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -62,10 +67,15 @@ fi
 # shellcheck disable=SC1091
 . "$state/env"
 start=$SECONDS
-# shellcheck disable=SC2086
-(cd "$root" && cargo test --workspace ${CARGO_TEST_ARGS:-})
-tests_rc=$?
-log "cargo test exited $tests_rc after $((SECONDS - start))s"
+if [ -n "${CARGO_TEST_ARGS:-}" ]; then
+	# shellcheck disable=SC2086
+	(cd "$root" && cargo test --workspace $CARGO_TEST_ARGS)
+	tests_rc=$?
+else
+	"$here/test-binaries.sh"
+	tests_rc=$?
+fi
+log "tests exited $tests_rc after $((SECONDS - start))s"
 
 checks_rc=0
 "$here/second-rig.sh" "$state" || checks_rc=1

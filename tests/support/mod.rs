@@ -438,6 +438,54 @@ where
     }
 }
 
+/// What a progress-bounded probe saw.
+pub enum Seen<T> {
+    Done(T),
+    /// Not yet; `state` says where things stand, and any change of it counts as progress.
+    Waiting {
+        state: String,
+    },
+}
+
+/// Polls `probe` until it returns `Done`, failing only when the state it reports has not changed
+/// for `stall`: a slow machine passes as long as things move, and a stuck run fails with the
+/// state it was stuck in. An error counts as "no change" and the last one is reported.
+pub async fn wait_progressing<T, F, Fut>(stall: Duration, what: &str, mut probe: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Seen<T>>>,
+{
+    let start = Instant::now();
+    let mut changed = start;
+    let mut state = String::from("(nothing seen yet)");
+    let mut last_error: Option<anyhow::Error> = None;
+    loop {
+        let left = (changed + stall).saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, probe()).await {
+            Ok(Ok(Seen::Done(v))) => return Ok(v),
+            Ok(Ok(Seen::Waiting { state: now })) => {
+                if now != state {
+                    state = now;
+                    changed = Instant::now();
+                }
+            }
+            Ok(Err(e)) => last_error = Some(e),
+            Err(_) => {}
+        }
+        if changed.elapsed() >= stall {
+            let err = anyhow!(
+                "no progress for {stall:?} (after {:.1?} in all) waiting for {what}; stuck at: {state}",
+                start.elapsed()
+            );
+            return Err(match last_error {
+                Some(e) => err.context(format!("last error: {e:#}")),
+                None => err,
+            });
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 /// Waits until the object `name` exists and satisfies `cond`, and returns it.
 pub async fn wait_for_object<K>(
     api: &Api<K>,

@@ -1,0 +1,359 @@
+//! End to end on the rig: what the operator asks of the API server and EC2, counted.
+//!
+//! - A restart over hundreds of finished Bakes writes nothing and lists each kind once.
+//! - Bakes waiting in the queue make no EC2 call and no API request while they wait.
+//!
+//! API requests are counted from the apiserver's own request metrics, which every client shares,
+//! so the tests of this binary run one at a time, and each first waits for other tests'
+//! namespaces to finish deleting.
+
+mod bake_support;
+mod support;
+
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bake_support::*;
+use baker::api::bake::ReusedImage;
+use baker::api::{Bake, BakePhase};
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use support::{Rig, Seen, rig, wait_progressing};
+
+/// One test at a time: the apiserver's counters are shared by every client.
+static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Requests the apiserver has served with one of `verbs` (all but WATCH if empty) on one of
+/// `resources`, from its own request metrics.
+async fn requests(rig: &Rig, verbs: &[&str], resources: &[&str]) -> Result<u64> {
+    let metrics = rig.kubectl(["get", "--raw", "/metrics"]).await?.ok()?.stdout;
+    let mut total = 0u64;
+    for line in metrics
+        .lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+    {
+        let verb = if verbs.is_empty() {
+            !line.contains("verb=\"WATCH\"")
+        } else {
+            verbs.iter().any(|v| line.contains(&format!("verb=\"{v}\"")))
+        };
+        let resource = resources
+            .iter()
+            .any(|r| line.contains(&format!("resource=\"{r}\"")));
+        if verb && resource {
+            let value = line.rsplit(' ').next().unwrap_or("0");
+            total += value.parse::<f64>().context("metric value")? as u64;
+        }
+    }
+    Ok(total)
+}
+
+/// The kinds the operator reads or writes.
+const OPERATOR_KINDS: [&str; 6] = [
+    "bakes",
+    "baketemplates",
+    "amicatalogs",
+    "pods",
+    "configmaps",
+    "events",
+];
+
+/// Write requests for the kinds the operator writes.
+async fn writes(rig: &Rig) -> Result<u64> {
+    requests(
+        rig,
+        &["POST", "PUT", "PATCH", "APPLY", "DELETE", "DELETECOLLECTION"],
+        &["bakes", "pods", "configmaps", "events"],
+    )
+    .await
+}
+
+/// EC2 calls the operator made, from its own metrics.
+async fn ec2_calls(operator: &Operator) -> Result<u64> {
+    let reply = reqwest_free_get(&operator.http, "/metrics").await?;
+    Ok(reply
+        .lines()
+        .filter(|l| l.starts_with("baker_ec2_calls_total{"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// A plain HTTP/1.0 GET on loopback, returning the body.
+async fn reqwest_free_get(addr: &str, path: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text).await?;
+    Ok(text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default())
+}
+
+/// Waits until no other test's namespace is left: namespaces being deleted write pods and Events.
+async fn other_namespaces_gone(client: &Client, mine: &str) -> Result<()> {
+    // Bakes left by tests whose operator is gone are released first.
+    release_bakes(&Api::<Bake>::all(client.clone())).await.ok();
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    wait_progressing(
+        Duration::from_secs(120),
+        "other test namespaces to be gone",
+        || async {
+            let list = namespaces
+                .list(&ListParams::default().labels("baker.io/test=true"))
+                .await?;
+            let others: Vec<String> = list
+                .items
+                .iter()
+                .map(|n| n.name_any())
+                .filter(|n| n != mine)
+                .collect();
+            Ok(if others.is_empty() {
+                Seen::Done(())
+            } else {
+                Seen::Waiting {
+                    state: format!("still there: {others:?}"),
+                }
+            })
+        },
+    )
+    .await
+}
+
+/// Bakes by phase and Ready reason, e.g. `Queued/Queued=150 Running/Running=1`: progress for
+/// waits, and what was stuck when one fails.
+fn tally(bakes: &[Bake]) -> String {
+    let mut counts = std::collections::BTreeMap::<String, usize>::new();
+    for b in bakes {
+        let key = format!(
+            "{}/{}",
+            b.phase().map(|p| p.as_str()).unwrap_or("none"),
+            ready_reason(b).unwrap_or_default()
+        );
+        *counts.entry(key).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+const BAKES: usize = 300;
+/// Bakes that really run packer; the others are created finished, their status written as the
+/// operator writes a reused Bake's.
+const REAL: usize = 3;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn restart_with_300_finished_bakes_writes_nothing_and_lists_each_kind_once() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "restart300").await?;
+    let template = format!("{}-t", ns.name());
+    apply_template(&client, &rig_template(&template, "")).await?;
+    let mut operator = Operator::start(rig, ns.name()).await?;
+
+    let bakes = ns.api::<Bake>();
+    let yaml = |i: usize| {
+        bake_yaml(
+            &format!("b-{i:03}"),
+            &template,
+            "fleet",
+            &format!("1.0.{}", i % REAL),
+            "hvm",
+        )
+    };
+    for i in 0..REAL {
+        bakes
+            .create(&PostParams::default(), &serde_yaml::from_str(&yaml(i))?)
+            .await?;
+    }
+    let mut real = Vec::new();
+    for i in 0..REAL {
+        real.push(
+            wait_for_phase(
+                &bakes,
+                &format!("b-{i:03}"),
+                BakePhase::Succeeded,
+                Duration::from_secs(180),
+            )
+            .await?,
+        );
+    }
+    operator.kill().await?;
+
+    // The rest, created as a finished Bake looks: Baker's finalizer, and a status that reuses one
+    // of the real AMIs, written with Baker's field manager.
+    let started = Instant::now();
+    for i in REAL..BAKES {
+        let mut bake: Bake = serde_yaml::from_str(&yaml(i))?;
+        bake.metadata.finalizers = Some(vec![baker::bake::controller::FINALIZER.to_string()]);
+        bakes.create(&PostParams::default(), &bake).await?;
+        let origin = &real[i % REAL];
+        let mut status = origin.status.clone().context("a real Bake's status")?;
+        status.pod_name = None;
+        status.pod_uid = None;
+        status.reused_from = Some(ReusedImage {
+            image_id: status.ami_id.clone().unwrap_or_default(),
+            bake: Some(format!("{}/{}", ns.name(), origin.name_any())),
+        });
+        let patch = serde_json::json!({
+            "apiVersion": "baker.io/v1alpha1",
+            "kind": "Bake",
+            "status": status,
+        });
+        bakes
+            .patch_status(
+                &format!("b-{i:03}"),
+                &PatchParams::apply("baker").force(),
+                &Patch::Apply(&patch),
+            )
+            .await?;
+    }
+    eprintln!(
+        "{REAL} Bakes baked, {} created finished in {:.1?}",
+        BAKES - REAL,
+        started.elapsed()
+    );
+
+    other_namespaces_gone(&client, ns.name()).await?;
+    let before = writes(rig).await?;
+    let lists_before = requests(rig, &["LIST"], &["bakes", "pods", "baketemplates"]).await?;
+    let bake_lists_before = requests(rig, &["LIST"], &["bakes"]).await?;
+    let started = Instant::now();
+    let restarted = Operator::start(rig, ns.name()).await?;
+    // Only the restarted process's own log lines count: every one of the Bakes reviewed.
+    wait_progressing(
+        Duration::from_secs(60),
+        "the restarted operator to look at every Bake",
+        || async {
+            let log = restarted.log();
+            let mut seen: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("finished and up to date"))
+                .filter_map(|l| l.split("bake=").nth(1)?.split_whitespace().next())
+                .collect();
+            seen.sort_unstable();
+            seen.dedup();
+            Ok(if seen.len() >= BAKES {
+                Seen::Done(())
+            } else {
+                Seen::Waiting {
+                    state: format!("{} of {BAKES} reviewed", seen.len()),
+                }
+            })
+        },
+    )
+    .await?;
+    let ready = started.elapsed();
+    let after = writes(rig).await?;
+    let lists = requests(rig, &["LIST"], &["bakes", "pods", "baketemplates"]).await? - lists_before;
+    let bake_lists = requests(rig, &["LIST"], &["bakes"]).await? - bake_lists_before;
+    eprintln!(
+        "restarted operator reviewed {BAKES} finished Bakes in {ready:.2?} with {} writes, {bake_lists} LIST of Bakes and {lists} LISTs in all (Bakes, pods, BakeTemplates)",
+        after - before
+    );
+    // One shared watch per kind serves both controllers, readiness and metrics.
+    assert_eq!(
+        bake_lists, 1,
+        "the restarted operator listed Bakes {bake_lists} times"
+    );
+    assert_eq!(
+        lists, 3,
+        "one LIST each of Bakes, pods and BakeTemplates, not {lists}"
+    );
+    assert_eq!(
+        after, before,
+        "a restart over finished Bakes wrote to the API server"
+    );
+    let result = finish(ns).await;
+    drop(restarted);
+    result
+}
+
+const WAITING: usize = 200;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bakes_waiting_in_the_queue_make_no_ec2_calls_and_no_api_requests() -> Result<()> {
+    let _serial = SERIAL.lock().await;
+    let rig = rig();
+    let client = rig.client().await?;
+    // No credentials Secret in this namespace: the one slot is held by a bake whose pod cannot
+    // start, so nothing runs packer (or calls EC2) while the others wait, and the namespace goes
+    // at once at the end.
+    install_crds(rig).await?;
+    let ns = support::TestNamespace::new(&client, "waiting").await?;
+    let template = format!("{}-t", ns.name());
+    apply_template(&client, &rig_template(&template, "")).await?;
+    let operator = Operator::start_with(rig, ns.name(), &["--max-concurrent-bakes", "1"], &[]).await?;
+    let bakes = ns.api::<Bake>();
+    create_bake(&ns, &bake_yaml("holder", &template, "svc", "0.0.1", "hvm")).await?;
+    wait_for_phase(&bakes, "holder", BakePhase::Pending, Duration::from_secs(60)).await?;
+    wait_progressing(Duration::from_secs(60), "the holder's pod to exist", || async {
+        let pods = ns.api::<k8s_openapi::api::core::v1::Pod>();
+        Ok(match pods.get_opt("bake-holder").await? {
+            Some(_) => Seen::Done(()),
+            None => Seen::Waiting {
+                state: "no pod bake-holder".into(),
+            },
+        })
+    })
+    .await?;
+
+    // Half wait for the slot, half for the identical bake under way.
+    for i in 0..WAITING {
+        let version = if i % 2 == 0 {
+            format!("1.0.{i}")
+        } else {
+            "0.0.1".into()
+        };
+        let yaml = bake_yaml(&format!("w-{i:03}"), &template, "svc", &version, "hvm");
+        bakes
+            .create(&PostParams::default(), &serde_yaml::from_str(&yaml)?)
+            .await?;
+    }
+    wait_progressing(
+        Duration::from_secs(60),
+        "every waiting Bake to be queued with its key recorded",
+        || async {
+            let list = bakes.list(&ListParams::default()).await?.items;
+            let waiting = list
+                .iter()
+                .filter(|b| b.name_any().starts_with("w-"))
+                .filter(|b| b.phase() == Some(BakePhase::Queued))
+                .filter(|b| b.status.as_ref().is_some_and(|s| s.bake_key.is_some()))
+                .count();
+            Ok(if waiting == WAITING {
+                Seen::Done(())
+            } else {
+                Seen::Waiting { state: tally(&list) }
+            })
+        },
+    )
+    .await?;
+    let first_pass = ec2_calls(&operator).await?;
+    other_namespaces_gone(&client, ns.name()).await?;
+
+    let ec2_before = ec2_calls(&operator).await?;
+    let api_before = requests(rig, &[], &OPERATOR_KINDS).await?;
+    // Nothing happening can only be seen over a window: this one is longer than the 15 s at
+    // which every waiting Bake used to poll EC2 and list every Bake.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let ec2_during = ec2_calls(&operator).await? - ec2_before;
+    let api_during = requests(rig, &[], &OPERATOR_KINDS).await? - api_before;
+    let list = bakes.list(&ListParams::default()).await?.items;
+    eprintln!(
+        "{WAITING} waiting Bakes ({}): {first_pass} EC2 calls to queue them all, then {ec2_during} EC2 calls and {api_during} API requests in 20 s of waiting",
+        tally(&list)
+    );
+    assert_eq!(ec2_during, 0, "waiting Bakes called EC2");
+    assert_eq!(api_during, 0, "waiting Bakes sent API requests");
+    let result = finish(ns).await;
+    drop(operator);
+    result
+}
