@@ -99,6 +99,8 @@ pub enum CliError {
     #[error("cannot connect to Kubernetes: {0}")]
     Kube(#[from] kube::Error),
     #[error(transparent)]
+    KubeClient(#[from] crate::operator::ClientError),
+    #[error(transparent)]
     Operator(#[from] crate::operator::OperatorError),
 }
 
@@ -228,7 +230,7 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             log_format,
         } => {
             init_tracing(log_format);
-            let client = kube::Client::try_default().await?;
+            let client = crate::operator::client().await?;
             let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
             let catalog_ctx = std::sync::Arc::new(crate::catalog::controller::Context::new(
                 client.clone(),

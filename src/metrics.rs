@@ -35,6 +35,14 @@ pub struct ActionLabels {
     pub action: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KubeRequestLabels {
+    /// `get`, `list`, `watch`, `create`, `update`, `patch`, `delete` or `other`.
+    pub verb: &'static str,
+    /// The resource's plural name, from the fixed set Baker uses, or `other`.
+    pub resource: &'static str,
+}
+
 /// Every phase, so that `baker_bakes` shows zeros rather than missing series.
 pub const PHASES: [BakePhase; 5] = [
     BakePhase::Pending,
@@ -60,6 +68,7 @@ pub struct Metrics {
     pub reconcile_errors: Family<CategoryLabels, Counter>,
     pub ec2_calls: Family<ActionLabels, Counter>,
     pub ec2_errors: Family<ActionLabels, Counter>,
+    pub kube_requests: Family<KubeRequestLabels, Counter>,
     pub queue_depth: Gauge,
     pub catalog_images: Gauge,
     pub leader: Gauge,
@@ -83,6 +92,7 @@ impl Metrics {
             reconcile_errors: Family::default(),
             ec2_calls: Family::default(),
             ec2_errors: Family::default(),
+            kube_requests: Family::default(),
             queue_depth: Gauge::default(),
             catalog_images: Gauge::default(),
             leader: Gauge::default(),
@@ -117,6 +127,11 @@ impl Metrics {
             "ec2_errors",
             "EC2 API calls that failed, by action",
             m.ec2_errors.clone(),
+        );
+        registry.register(
+            "kube_requests",
+            "Requests the operator sent to the Kubernetes API server, by verb and resource",
+            m.kube_requests.clone(),
         );
         registry.register(
             "queue_depth",
@@ -187,6 +202,14 @@ impl Metrics {
         }
     }
 
+    /// Records one request to the Kubernetes API server.
+    pub fn kube_request(&self, method: &http::Method, uri: &http::Uri) {
+        let (verb, resource) = kube_request_labels(method, uri);
+        self.kube_requests
+            .get_or_create(&KubeRequestLabels { verb, resource })
+            .inc();
+    }
+
     /// Records one EC2 call, and whether it failed.
     pub fn ec2_call(&self, action: &str, failed: bool) {
         let labels = ActionLabels {
@@ -222,6 +245,56 @@ pub fn count_phases<'a>(bakes: impl IntoIterator<Item = &'a Bake>) -> [i64; 5] {
 
 /// An EC2 action name as a label: the SDK's operation names are a fixed set of identifiers;
 /// anything else (which should not happen) collapses into `other`.
+/// The resources Baker reads or writes; any other counts as `other`, so labels stay bounded.
+const KUBE_RESOURCES: [&str; 10] = [
+    "bakes",
+    "baketemplates",
+    "amicatalogs",
+    "pods",
+    "configmaps",
+    "events",
+    "leases",
+    "secrets",
+    "customresourcedefinitions",
+    "namespaces",
+];
+
+/// Verb and resource of a request to the API server, from its method and path
+/// (`/api/v1/namespaces/NS/pods/NAME`, `/apis/GROUP/VERSION/bakes?watch=true`, ...).
+pub fn kube_request_labels(method: &http::Method, uri: &http::Uri) -> (&'static str, &'static str) {
+    let segments: Vec<&str> = uri.path().split('/').filter(|s| !s.is_empty()).collect();
+    // Skip `api/VERSION` or `apis/GROUP/VERSION`, then `namespaces/NS` when it names a namespace.
+    let rest = match segments.first() {
+        Some(&"api") => segments.get(2..),
+        Some(&"apis") => segments.get(3..),
+        _ => None,
+    }
+    .unwrap_or_default();
+    let rest = match rest {
+        ["namespaces", _, tail @ ..] if !tail.is_empty() => tail,
+        other => other,
+    };
+    let resource = rest
+        .first()
+        .and_then(|r| KUBE_RESOURCES.iter().find(|k| *k == r).copied())
+        .unwrap_or("other");
+    let named = rest.len() >= 2;
+    let watch = uri
+        .query()
+        .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
+    let verb = match *method {
+        http::Method::GET if watch => "watch",
+        http::Method::GET if named => "get",
+        http::Method::GET => "list",
+        http::Method::POST => "create",
+        http::Method::PUT => "update",
+        http::Method::PATCH => "patch",
+        http::Method::DELETE => "delete",
+        _ => "other",
+    };
+    (verb, resource)
+}
+
 pub fn bounded_action(action: &str) -> String {
     if !action.is_empty() && action.len() <= 64 && action.chars().all(|c| c.is_ascii_alphanumeric()) {
         action.to_string()
@@ -335,6 +408,41 @@ mod tests {
             ),
             "{text}"
         );
+    }
+
+    #[test]
+    fn kube_requests_are_labelled_by_verb_and_a_bounded_resource() {
+        let cases = [
+            (
+                "GET",
+                "/apis/baker.io/v1alpha1/bakes?&watch=true&timeoutSeconds=290",
+                ("watch", "bakes"),
+            ),
+            (
+                "GET",
+                "/apis/baker.io/v1alpha1/namespaces/ns/bakes",
+                ("list", "bakes"),
+            ),
+            ("GET", "/api/v1/namespaces/ns/pods/bake-x", ("get", "pods")),
+            (
+                "PATCH",
+                "/apis/baker.io/v1alpha1/namespaces/ns/bakes/b/status",
+                ("patch", "bakes"),
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/ns/configmaps",
+                ("create", "configmaps"),
+            ),
+            ("GET", "/api/v1/namespaces/ns", ("get", "namespaces")),
+            ("DELETE", "/api/v1/namespaces/ns/widgets/w", ("delete", "other")),
+            ("GET", "/version", ("list", "other")),
+        ];
+        for (method, uri, want) in cases {
+            let method: http::Method = method.parse().expect("a method");
+            let uri: http::Uri = uri.parse().expect("a URI");
+            assert_eq!(kube_request_labels(&method, &uri), want, "{method} {uri}");
+        }
     }
 
     #[test]

@@ -74,6 +74,28 @@ pub enum OperatorError {
     },
 }
 
+/// The Kubernetes client the operator uses: the inferred configuration (in-cluster, or the
+/// kubeconfig), with every request counted in `baker_kube_requests_total`.
+pub async fn client() -> Result<kube::Client, ClientError> {
+    let config = kube::Config::infer().await?;
+    let count = tower::util::MapRequestLayer::new(|request: ::http::Request<kube::client::Body>| {
+        crate::metrics::global().kube_request(request.method(), request.uri());
+        request
+    });
+    Ok(kube::client::ClientBuilder::try_from(config)?
+        .with_layer(&count)
+        .build())
+}
+
+/// Why the Kubernetes client could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot find a Kubernetes configuration (in-cluster or kubeconfig): {0}")]
+    Config(#[from] kube::config::InferConfigError),
+    #[error("cannot build the Kubernetes client: {0}")]
+    Client(#[from] kube::Error),
+}
+
 async fn shutdown_signal() {
     #[cfg(unix)]
     {

@@ -10,10 +10,11 @@ use anyhow::{Result, ensure};
 use aws_sdk_ec2::types::Filter;
 use bake_support::*;
 use baker::api::{Bake, BakePhase, keys};
+use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::api::DeleteParams;
-use support::{rig, try_wait_until, wait_deleted};
+use support::{Seen, rig, try_wait_until, wait_deleted, wait_progressing};
 
 const BAKE_TIMEOUT: Duration = Duration::from_secs(180);
 
@@ -131,6 +132,96 @@ async fn with_a_cap_of_two_six_bakes_never_run_more_than_two_pods_and_start_in_c
         watch.max_active()
     );
     assert_eq!(watch.max_active(), 2, "the cap was used");
+    drop(proxy);
+    finish(ns).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_hundred_bakes_applied_at_once_with_a_cap_of_three_never_exceed_it_nor_bake_an_image_twice()
+-> Result<()> {
+    const BAKES: usize = 200;
+    const DISTINCT: usize = 20;
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "race200").await?;
+    // Slow EC2 calls make the bakes overlap.
+    let (proxy, template) =
+        slow_template(rig, &client, &ns, Delay::All(Duration::from_millis(50)), "").await?;
+    let watch = PodWatch::start(ns.api());
+    let _operator = Operator::start_with(rig, ns.name(), &["--max-concurrent-bakes", "3"], &[]).await?;
+
+    let bakes = ns.api::<Bake>();
+    let creates = (0..BAKES).map(|i| {
+        let yaml = bake_yaml(
+            &format!("r-{i:03}"),
+            &template,
+            "race",
+            &format!("1.0.{}", i % DISTINCT),
+            "hvm",
+        );
+        let ns = &ns;
+        async move { create_bake(ns, &yaml).await }
+    });
+    futures::stream::iter(creates)
+        .buffer_unordered(20)
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .collect::<Result<Vec<_>>>()?;
+
+    let list = wait_progressing(Duration::from_secs(120), "all 200 Bakes to finish", || async {
+        let list = bakes.list(&Default::default()).await?.items;
+        let finished = list
+            .iter()
+            .filter(|b| b.phase().is_some_and(|p| p.is_terminal()))
+            .count();
+        Ok(if finished == BAKES {
+            Seen::Done(list)
+        } else {
+            let mut tally = std::collections::BTreeMap::<String, usize>::new();
+            for b in &list {
+                *tally.entry(ready_reason(b).unwrap_or_default()).or_default() += 1;
+            }
+            Seen::Waiting {
+                state: format!("{tally:?}"),
+            }
+        })
+    })
+    .await?;
+    let failed: Vec<String> = list
+        .iter()
+        .filter(|b| b.phase() != Some(BakePhase::Succeeded))
+        .map(|b| format!("{} {:?}", b.name_any(), ready_reason(b)))
+        .collect();
+    ensure!(failed.is_empty(), "Bakes did not succeed: {failed:?}");
+    ensure!(
+        watch.max_active() <= 3,
+        "at most three bake pods at once, saw {}",
+        watch.max_active()
+    );
+    ensure!(
+        watch.pods_seen() == DISTINCT,
+        "one packer run per distinct image: {} pods for {DISTINCT} images",
+        watch.pods_seen()
+    );
+    let keys: std::collections::BTreeSet<String> = list
+        .iter()
+        .filter_map(|b| b.status.as_ref()?.bake_key.clone())
+        .collect();
+    ensure!(keys.len() == DISTINCT, "{} distinct keys", keys.len());
+    for key in &keys {
+        let images = images_tagged(&rig.ec2(), keys::BAKE_KEY, key).await?;
+        ensure!(
+            images.len() == 1,
+            "key {key} has {} images: {images:?}",
+            images.len()
+        );
+    }
+    eprintln!(
+        "{BAKES} Bakes ({DISTINCT} distinct) with a cap of 3: {} pods, at most {} at once",
+        watch.pods_seen(),
+        watch.max_active()
+    );
     drop(proxy);
     finish(ns).await
 }

@@ -179,7 +179,10 @@ pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
         };
     }
     if !has_finalizer {
+        // The write's own watch event brings the Bake back with the finalizer: going on from this
+        // copy would do the work twice (the next pass would not see this one's status yet).
         set_finalizer(&bake, &ctx, true).await?;
+        return Ok(Action::await_change());
     }
     apply(&bake, &ctx).await
 }
