@@ -29,6 +29,13 @@ pub struct OperatorConfig {
     #[arg(long, env = "BAKER_BAKE_GRACE_SECONDS", default_value_t = 300)]
     pub bake_grace_seconds: i64,
 
+    /// Seconds a bake pod may stay unstarted while the scheduler or the node reports why (no node
+    /// fits, a missing Secret or ConfigMap, an image that cannot be pulled) before the pod is
+    /// stopped and the Bake fails (`Unschedulable` or `PodStartFailed`). The reason shows in the
+    /// Bake's message at once.
+    #[arg(long, env = "BAKER_POD_START_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub pod_start_timeout_seconds: u64,
+
     /// Most bakes running at once, operator-wide; more wait in phase `Queued`, in creation order.
     #[arg(long, env = "BAKER_MAX_CONCURRENT_BAKES", default_value_t = 10)]
     pub max_concurrent_bakes: usize,
@@ -74,6 +81,7 @@ impl Default for OperatorConfig {
             aws_credentials_secret: None,
             bake_service_account: None,
             bake_grace_seconds: 300,
+            pod_start_timeout_seconds: 300,
             max_concurrent_bakes: 10,
             max_concurrent_bakes_per_namespace: None,
             cleanup_timeout_seconds: 300,

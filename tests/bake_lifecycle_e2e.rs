@@ -226,6 +226,84 @@ async fn two_hundred_bakes_applied_at_once_with_a_cap_of_three_never_exceed_it_n
     finish(ns).await
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bake_whose_pod_cannot_start_says_why_at_once_and_fails_after_the_pod_start_timeout() -> Result<()>
+{
+    let rig = rig();
+    let client = rig.client().await?;
+    // No credentials Secret in this namespace: the node cannot start the bake container.
+    let (ns, template) = namespace_without_credentials(rig, &client, "nosecret").await?;
+    let _operator = Operator::start_with(rig, ns.name(), &["--pod-start-timeout-seconds", "8"], &[]).await?;
+    let bakes = ns.api::<Bake>();
+    create_bake(&ns, &bake_yaml("stuck", &template, "svc", "1.0.0", "hvm")).await?;
+
+    // The node's reason is in the Bake's own message long before the timeout.
+    let pending = wait_progressing(
+        Duration::from_secs(60),
+        "the Bake's message to say why its pod cannot start",
+        || async {
+            let bake = bakes.get("stuck").await?;
+            let message = bake
+                .status
+                .as_ref()
+                .and_then(|s| s.message.clone())
+                .unwrap_or_default();
+            Ok(if message.contains("aws-credentials") {
+                Seen::Done(message)
+            } else {
+                Seen::Waiting { state: message }
+            })
+        },
+    )
+    .await?;
+    ensure!(pending.contains("CreateContainerConfigError"), "{pending}");
+
+    let failed = wait_for_phase(&bakes, "stuck", BakePhase::Failed, BAKE_TIMEOUT).await?;
+    ensure!(
+        ready_reason(&failed).as_deref() == Some("PodStartFailed"),
+        "reason {:?}",
+        ready_reason(&failed)
+    );
+    // The pod is stopped, so it can never start packer after the Bake said Failed.
+    wait_deleted(&ns.api::<Pod>(), "bake-stuck", Duration::from_secs(60)).await?;
+    finish(ns).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_configmap_made_beforehand_under_the_bakes_name_fails_it_with_name_conflict_and_nothing_runs()
+-> Result<()> {
+    let rig = rig();
+    let client = rig.client().await?;
+    let ns = namespace(rig, &client, "squat").await?;
+    let template = format!("{}-t", ns.name());
+    apply_template(&client, &rig_template(&template, "")).await?;
+    // Someone who may write ConfigMaps in the namespace takes the name first, with their template.
+    let squatter: k8s_openapi::api::core::v1::ConfigMap = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "bake-victim" },
+        "data": { "template.json": "{\"builders\": [{\"type\": \"null\", \"communicator\": \"none\"}]}" },
+    }))?;
+    ns.api::<k8s_openapi::api::core::v1::ConfigMap>()
+        .create(&Default::default(), &squatter)
+        .await?;
+    let _operator = Operator::start(rig, ns.name()).await?;
+    let bakes = ns.api::<Bake>();
+    create_bake(&ns, &bake_yaml("victim", &template, "svc", "1.0.0", "hvm")).await?;
+
+    let failed = wait_for_phase(&bakes, "victim", BakePhase::Failed, BAKE_TIMEOUT).await?;
+    ensure!(
+        ready_reason(&failed).as_deref() == Some("NameConflict"),
+        "reason {:?}",
+        ready_reason(&failed)
+    );
+    let message = failed.status.and_then(|s| s.message).unwrap_or_default();
+    ensure!(message.contains("ConfigMap bake-victim"), "{message}");
+    ensure!(
+        ns.api::<Pod>().get_opt("bake-victim").await?.is_none(),
+        "a bake pod was created over a template Baker did not write"
+    );
+    finish(ns).await
+}
+
 /// No process on this machine runs for the Bake (its pod's environment names it).
 fn no_process_for(bake: &str) -> Result<()> {
     let needle = format!("BAKER_BAKE={bake}");

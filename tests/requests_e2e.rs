@@ -308,10 +308,7 @@ async fn bakes_waiting_in_the_queue_make_no_ec2_calls_and_no_api_requests() -> R
     // No credentials Secret in this namespace: the one slot is held by a bake whose pod cannot
     // start, so nothing runs packer (or calls EC2) while the others wait, and the namespace goes
     // at once at the end.
-    install_crds(rig).await?;
-    let ns = support::TestNamespace::new(&client, "waiting").await?;
-    let template = format!("{}-t", ns.name());
-    apply_template(&client, &rig_template(&template, "")).await?;
+    let (ns, template) = namespace_without_credentials(rig, &client, "waiting").await?;
     let operator = Operator::start_with(rig, ns.name(), &["--max-concurrent-bakes", "1"], &[]).await?;
     let bakes = ns.api::<Bake>();
     create_bake(&ns, &bake_yaml("holder", &template, "svc", "0.0.1", "hvm")).await?;

@@ -224,7 +224,21 @@ async fn apply(bake: &Bake, ctx: &Context) -> Result<Action> {
         && s.phase.is_some_and(|p| p.is_terminal())
         && s.observed_generation == bake.metadata.generation
     {
+        // A finished Bake's pod that never started must never start later (a crash came between
+        // the final status and stopping it). Read from the cache: finished Bakes cost nothing.
+        if let Some(pod) = ctx
+            .stores
+            .pod(&b.namespace, &pod::pod_name(&b.name))
+            .filter(|p| p.owner_references().iter().any(|o| o.uid == b.uid))
+            .filter(|p| status::pod_outcome(p) == PodOutcome::Pending)
+        {
+            stop_unstarted_pod(ctx, &pod).await?;
+        }
         tracing::debug!("finished and up to date");
+        return Ok(Action::await_change());
+    }
+    // Our own final status is not in the cache yet: a decision from this copy would undo it.
+    if locked(&ctx.expectations).finished_unseen(&b.uid) {
         return Ok(Action::await_change());
     }
     let pod_name = pod::pod_name(&b.name);
@@ -481,7 +495,9 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     drop(guard);
     failpoint::hit(failpoint::LAUNCH_RECORDED);
 
-    create_children(b, ctx, &p).await?;
+    if let Some(t) = create_children(b, ctx, &p).await? {
+        return finish(b, ctx, t, None).await;
+    }
     info!(pod = %pod_name, key = %p.bake_key, "launched bake pod");
     publish(
         b,
@@ -508,13 +524,16 @@ async fn resume(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
         Ok(p) => p,
         Err(t) => return finish(b, ctx, t, None).await,
     };
-    create_children(b, ctx, &p).await?;
+    if let Some(t) = create_children(b, ctx, &p).await? {
+        return finish(b, ctx, t, None).await;
+    }
     info!(key = %p.bake_key, "resumed the launch of the bake pod");
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-/// Creates the template ConfigMap and the bake pod, unless they exist.
-async fn create_children(b: &BakeRef<'_>, ctx: &Context, p: &Prepared) -> Result<()> {
+/// Creates the template ConfigMap and the bake pod, unless they exist as the Bake's own. Returns
+/// the transition that fails the Bake if a name is taken by an object that is not.
+async fn create_children(b: &BakeRef<'_>, ctx: &Context, p: &Prepared) -> Result<Option<Transition>> {
     let owner = b
         .bake
         .controller_owner_ref(&())
@@ -528,15 +547,33 @@ async fn create_children(b: &BakeRef<'_>, ctx: &Context, p: &Prepared) -> Result
         config: &ctx.config,
     };
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &b.namespace);
-    create_if_absent(&config_maps, &pod::template_config_map(&pod_input, &p.rendered))
+    let config_map = pod::template_config_map(&pod_input, &p.rendered);
+    let conflict = |kind: &str, name: String| {
+        Transition::new(
+            Reason::NameConflict,
+            format!(
+                "{kind} {name} exists and was not made by Baker for this Bake; Baker runs only templates it wrote. Delete it, or create the Bake under another name"
+            ),
+        )
+    };
+    // The content must match too: a ConfigMap is editable by anyone who may edit the namespace's.
+    let same_data = |existing: &ConfigMap| existing.data == config_map.data;
+    if let Created::Foreign = create_owned(&config_maps, &config_map, &b.uid, same_data)
         .await
-        .map_err(Error::CreateConfigMap)?;
+        .map_err(Error::CreateConfigMap)?
+    {
+        return Ok(Some(conflict("ConfigMap", config_map.name_any())));
+    }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
-    create_if_absent(&pods, &pod::bake_pod(&pod_input))
+    let bake_pod = pod::bake_pod(&pod_input);
+    if let Created::Foreign = create_owned(&pods, &bake_pod, &b.uid, |_| true)
         .await
-        .map_err(Error::CreatePod)?;
+        .map_err(Error::CreatePod)?
+    {
+        return Ok(Some(conflict("Pod", bake_pod.name_any())));
+    }
     locked(&ctx.created).insert(b.uid.clone(), Instant::now());
-    Ok(())
+    Ok(None)
 }
 
 /// Succeeds a Bake with an image it did not bake itself.
@@ -567,22 +604,44 @@ async fn reuse(
     write_if_changed(b, ctx, next, &t).await
 }
 
-async fn create_if_absent<K>(api: &Api<K>, object: &K) -> std::result::Result<(), kube::Error>
+/// What creating one of a Bake's children found.
+enum Created {
+    /// Created now, or it already existed and is the Bake's own.
+    Ours,
+    /// An object of that name exists and is not controlled by this Bake.
+    Foreign,
+}
+
+/// Creates `object` unless it exists. An existing one counts only if this Bake (`uid`) controls
+/// it and `same` holds for it; otherwise someone else owns the name, and Baker never runs what it
+/// did not write.
+async fn create_owned<K>(
+    api: &Api<K>,
+    object: &K,
+    uid: &str,
+    same: impl Fn(&K) -> bool,
+) -> std::result::Result<Created, kube::Error>
 where
     K: Resource + Clone + serde::Serialize + serde::de::DeserializeOwned + std::fmt::Debug,
 {
-    match api
-        .create(
-            &PostParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            },
-            object,
-        )
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match api.create(&params, object).await {
+        Ok(_) => Ok(Created::Ours),
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            let existing = api.get_opt(&object.name_any()).await?;
+            let ours = existing.as_ref().is_some_and(|e| {
+                e.meta()
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.controller == Some(true) && o.uid == uid)
+                    && same(e)
+            });
+            Ok(if ours { Created::Ours } else { Created::Foreign })
+        }
         Err(e) => Err(e),
     }
 }
@@ -593,15 +652,16 @@ async fn observe_pod(b: &BakeRef<'_>, ctx: &Context, pod: &Pod) -> Result<Action
     let name = pod.name_any();
     let pod_uid = pod.uid();
     let outcome = status::pod_outcome(pod);
+    if outcome == PodOutcome::Pending {
+        return observe_pending(b, ctx, pod).await;
+    }
     // Someone deleted the pod (the Bake itself is not being deleted): packer was stopped.
     if pod.metadata.deletion_timestamp.is_some() && !matches!(outcome, PodOutcome::Succeeded { .. }) {
         return pod_vanished(b, ctx, pod_uid).await;
     }
     let transition = match outcome {
-        PodOutcome::Pending => Transition::new(
-            Reason::PodPending,
-            format!("waiting for bake pod {name} to start"),
-        ),
+        // Handled above.
+        PodOutcome::Pending => return Ok(Action::await_change()),
         PodOutcome::Running => Transition::new(
             Reason::Running,
             format!(
@@ -642,6 +702,63 @@ async fn observe_pod(b: &BakeRef<'_>, ctx: &Context, pod: &Pod) -> Result<Action
         },
     };
     finish(b, ctx, transition, pod_uid).await
+}
+
+/// A bake pod that has not started: say at once what holds it up, and stop it (failing the Bake)
+/// once that has lasted the pod start timeout. Judged from the pod alone, so a second look (at a
+/// pod already being stopped) comes to the same transition.
+async fn observe_pending(b: &BakeRef<'_>, ctx: &Context, pod: &Pod) -> Result<Action> {
+    let name = pod.name_any();
+    let holdup = status::pod_holdup(pod);
+    let timeout = Duration::from_secs(ctx.config.pod_start_timeout_seconds);
+    let waited = pod.metadata.creation_timestamp.as_ref().map(|c| {
+        let d = jiff::Timestamp::now().duration_since(c.0);
+        if d.is_negative() {
+            Duration::ZERO
+        } else {
+            d.unsigned_abs()
+        }
+    });
+    let t = status::pending_transition(&name, holdup.as_ref(), waited, timeout);
+    if t.reason.phase().is_terminal() {
+        // The status first: a pod stopped before it would read as "deleted by someone else".
+        finish(b, ctx, t, pod.uid()).await?;
+        stop_unstarted_pod(ctx, pod).await?;
+        return Ok(Action::await_change());
+    }
+    // Someone deleted the pod before it started.
+    if pod.metadata.deletion_timestamp.is_some() {
+        return pod_vanished(b, ctx, pod.uid()).await;
+    }
+    let action = finish(b, ctx, t, pod.uid()).await?;
+    Ok(match (&holdup, waited) {
+        // Look again when the timeout is up, even if the pod never changes.
+        (Some(_), Some(w)) => Action::requeue(timeout.saturating_sub(w) + Duration::from_secs(1)),
+        _ => action,
+    })
+}
+
+/// Deletes a bake pod that never started (nothing to give a grace period to), unless it is
+/// already going.
+async fn stop_unstarted_pod(ctx: &Context, pod: &Pod) -> Result<()> {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return Ok(());
+    }
+    let namespace = pod.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
+    let params = kube::api::DeleteParams {
+        grace_period_seconds: Some(0),
+        preconditions: Some(kube::api::Preconditions {
+            uid: pod.uid(),
+            resource_version: None,
+        }),
+        ..Default::default()
+    };
+    match pods.delete(&pod.name_any(), &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(Error::DeletePod(e)),
+    }
 }
 
 fn pod_finished_at(pod: &Pod) -> Option<jiff::Timestamp> {
@@ -805,6 +922,9 @@ async fn write_if_changed(
     let previous = b.status();
     if previous != Some(&next) {
         write_status(b, ctx, &next).await?;
+        if next.phase.is_some_and(|p| p.is_terminal()) {
+            locked(&ctx.expectations).finished(&b.uid);
+        }
         let was_terminal = previous.and_then(|s| s.phase).is_some_and(|p| p.is_terminal());
         if t.reason.phase().is_terminal() && !was_terminal {
             let since = next

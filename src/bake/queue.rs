@@ -208,6 +208,8 @@ pub fn wake_on_end<B: std::ops::Deref<Target = Bake> + Clone>(ended: &Bake, all:
 pub struct Expectations {
     launched: HashMap<String, BakeView>,
     released: HashSet<String>,
+    /// Bakes this process wrote a terminal status for that the cache may still show unfinished.
+    finished: HashSet<String>,
 }
 
 impl Expectations {
@@ -224,17 +226,35 @@ impl Expectations {
         self.released.insert(uid.to_string());
     }
 
+    /// This process wrote a terminal status for the Bake.
+    pub fn finished(&mut self, uid: &str) {
+        self.finished.insert(uid.to_string());
+    }
+
+    /// Whether the Bake's cached copy, not terminal, is older than the terminal status this
+    /// process wrote. Call only with a cached copy that is not terminal; a terminal one confirms
+    /// the write, see [`Expectations::overlay`].
+    pub fn finished_unseen(&self, uid: &str) -> bool {
+        self.finished.contains(uid)
+    }
+
     /// Expectations not yet confirmed by the cache.
     pub fn pending(&self) -> usize {
-        self.launched.len() + self.released.len()
+        self.launched.len() + self.released.len() + self.finished.len()
     }
 
     /// `cached` with this process's unseen writes laid over it. Forgets what the cache has caught
     /// up with: a launch it shows (or a Bake already finished), a released Bake it no longer lists.
     pub fn overlay(&mut self, cached: Vec<BakeView>) -> Vec<BakeView> {
         let listed: HashSet<&str> = cached.iter().map(|v| v.uid.as_str()).collect();
+        let unfinished: HashSet<&str> = cached
+            .iter()
+            .filter(|v| !v.terminal())
+            .map(|v| v.uid.as_str())
+            .collect();
         self.released.retain(|uid| listed.contains(uid.as_str()));
         self.launched.retain(|uid, _| listed.contains(uid.as_str()));
+        self.finished.retain(|uid| unfinished.contains(uid.as_str()));
         let mut seen = Vec::new();
         let views = cached
             .into_iter()

@@ -29,6 +29,14 @@ pub enum Reason {
     PodDeleted,
     ImageNotFound,
     NamespaceNotAllowed,
+    /// No node would take the bake pod within the pod start timeout.
+    Unschedulable,
+    /// The node could not start the bake pod's container within the pod start timeout (a missing
+    /// Secret or ConfigMap, an image that cannot be pulled, ...).
+    PodStartFailed,
+    /// An object Baker would create for the Bake (its template ConfigMap or its pod) exists and
+    /// is not the Bake's own.
+    NameConflict,
 }
 
 impl Reason {
@@ -53,6 +61,9 @@ impl Reason {
             Reason::PodDeleted => "PodDeleted",
             Reason::ImageNotFound => "ImageNotFound",
             Reason::NamespaceNotAllowed => "NamespaceNotAllowed",
+            Reason::Unschedulable => "Unschedulable",
+            Reason::PodStartFailed => "PodStartFailed",
+            Reason::NameConflict => "NameConflict",
         }
     }
 
@@ -73,7 +84,10 @@ impl Reason {
             | Reason::Timeout
             | Reason::PodDeleted
             | Reason::ImageNotFound
-            | Reason::NamespaceNotAllowed => BakePhase::Failed,
+            | Reason::NamespaceNotAllowed
+            | Reason::Unschedulable
+            | Reason::PodStartFailed
+            | Reason::NameConflict => BakePhase::Failed,
         }
     }
 
@@ -194,6 +208,92 @@ pub fn apply(
         finished_at,
         conditions: conditions::merge(&prev.conditions, &desired, generation, now),
         ..prev
+    }
+}
+
+/// Why a bake pod that has not started is held up, from what the scheduler and the node report.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Holdup {
+    /// The scheduler found no node for it.
+    Unschedulable { message: String },
+    /// The node cannot start a container: a missing Secret or ConfigMap, an image that cannot be
+    /// pulled, a bad command.
+    CannotStart { reason: String, message: String },
+}
+
+impl Holdup {
+    /// The reason a Bake fails with when the holdup outlasts the pod start timeout.
+    pub fn reason(&self) -> Reason {
+        match self {
+            Holdup::Unschedulable { .. } => Reason::Unschedulable,
+            Holdup::CannotStart { .. } => Reason::PodStartFailed,
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Holdup::Unschedulable { message } => format!("no node can take it: {message}"),
+            Holdup::CannotStart { reason, message } => format!("{reason}: {message}"),
+        }
+    }
+}
+
+/// Waiting reasons a container passes through on its way to running: not a holdup.
+const STARTING: [&str; 2] = ["ContainerCreating", "PodInitializing"];
+
+/// What holds a pending bake pod up, if anything is reported.
+pub fn pod_holdup(pod: &Pod) -> Option<Holdup> {
+    let status = pod.status.as_ref()?;
+    if let Some(c) = status.conditions.iter().flatten().find(|c| {
+        c.type_ == "PodScheduled" && c.status == "False" && c.reason.as_deref() == Some("Unschedulable")
+    }) {
+        return Some(Holdup::Unschedulable {
+            message: c.message.clone().unwrap_or_default(),
+        });
+    }
+    let waiting = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten())
+        .filter_map(|c| c.state.as_ref()?.waiting.as_ref())
+        .find(|w| w.reason.as_deref().is_some_and(|r| !STARTING.contains(&r)))?;
+    Some(Holdup::CannotStart {
+        reason: waiting.reason.clone().unwrap_or_default(),
+        message: waiting.message.clone().unwrap_or_default(),
+    })
+}
+
+/// What a pending bake pod means for its Bake: still waiting (with what holds it up, at once), or
+/// failed once a holdup has lasted `timeout` since the pod was created. `None` for `waited` when
+/// the creation time is unknown: never fails then.
+pub fn pending_transition(
+    pod_name: &str,
+    holdup: Option<&Holdup>,
+    waited: Option<std::time::Duration>,
+    timeout: std::time::Duration,
+) -> Transition {
+    match holdup {
+        Some(h) if waited.is_some_and(|w| w >= timeout) => Transition::new(
+            h.reason(),
+            format!(
+                "bake pod {pod_name} did not start within {}s, so it was stopped: {}",
+                timeout.as_secs(),
+                h.describe()
+            ),
+        ),
+        Some(h) => Transition::new(
+            Reason::PodPending,
+            format!(
+                "bake pod {pod_name} cannot start yet: {}; the Bake fails if this lasts {}s",
+                h.describe(),
+                timeout.as_secs()
+            ),
+        ),
+        None => Transition::new(
+            Reason::PodPending,
+            format!("waiting for bake pod {pod_name} to start"),
+        ),
     }
 }
 
@@ -391,5 +491,97 @@ mod tests {
                 message: "packer exited with code 2".into()
             }
         );
+    }
+
+    fn pending_pod(
+        conditions: Vec<k8s_openapi::api::core::v1::PodCondition>,
+        waiting: Option<(&str, &str)>,
+    ) -> Pod {
+        use k8s_openapi::api::core::v1::ContainerStateWaiting;
+        Pod {
+            status: Some(PodStatus {
+                phase: Some("Pending".into()),
+                conditions: Some(conditions),
+                container_statuses: waiting.map(|(reason, message)| {
+                    vec![ContainerStatus {
+                        name: "packer".into(),
+                        state: Some(ContainerState {
+                            waiting: Some(ContainerStateWaiting {
+                                reason: Some(reason.into()),
+                                message: Some(message.into()),
+                            }),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_pod_that_cannot_start_its_container_says_why_at_once_and_fails_after_the_timeout() {
+        let pod = pending_pod(
+            vec![],
+            Some((
+                "CreateContainerConfigError",
+                "secret \"aws-credentials\" not found",
+            )),
+        );
+        let holdup = pod_holdup(&pod);
+        let timeout = std::time::Duration::from_secs(300);
+        let early = pending_transition(
+            "bake-a",
+            holdup.as_ref(),
+            Some(std::time::Duration::from_secs(5)),
+            timeout,
+        );
+        assert_eq!(early.reason, Reason::PodPending);
+        assert!(
+            early.message.contains("secret \"aws-credentials\" not found"),
+            "{}",
+            early.message
+        );
+        let late = pending_transition("bake-a", holdup.as_ref(), Some(timeout), timeout);
+        assert_eq!(late.reason, Reason::PodStartFailed);
+        assert_eq!(late.reason.phase(), BakePhase::Failed);
+        assert!(
+            late.message.contains("CreateContainerConfigError"),
+            "{}",
+            late.message
+        );
+    }
+
+    #[test]
+    fn an_unschedulable_pod_fails_as_unschedulable_after_the_timeout() {
+        let pod = pending_pod(
+            vec![k8s_openapi::api::core::v1::PodCondition {
+                type_: "PodScheduled".into(),
+                status: "False".into(),
+                reason: Some("Unschedulable".into()),
+                message: Some("0/1 nodes are available: 1 node(s) didn't match Pod's node affinity".into()),
+                ..Default::default()
+            }],
+            None,
+        );
+        let timeout = std::time::Duration::from_secs(60);
+        let t = pending_transition("bake-a", pod_holdup(&pod).as_ref(), Some(timeout * 2), timeout);
+        assert_eq!(t.reason, Reason::Unschedulable);
+        assert!(t.message.contains("node affinity"), "{}", t.message);
+    }
+
+    #[test]
+    fn a_pod_on_its_way_to_running_is_not_held_up_and_never_fails_for_waiting() {
+        let pod = pending_pod(vec![], Some(("ContainerCreating", "")));
+        assert_eq!(pod_holdup(&pod), None);
+        let t = pending_transition(
+            "bake-a",
+            None,
+            Some(std::time::Duration::from_secs(10_000)),
+            std::time::Duration::from_secs(1),
+        );
+        assert_eq!(t.reason, Reason::PodPending);
     }
 }

@@ -519,6 +519,20 @@ pub async fn release_bakes(bakes: &Api<Bake>) -> Result<()> {
     Ok(())
 }
 
+/// A namespace *without* the credentials Secret (so bake pods there can never start their
+/// container), with a rig BakeTemplate `<namespace>-t`; the CRDs installed first.
+pub async fn namespace_without_credentials(
+    rig: &Rig,
+    client: &Client,
+    prefix: &str,
+) -> Result<(TestNamespace, String)> {
+    install_crds(rig).await?;
+    let ns = TestNamespace::new(client, prefix).await?;
+    let template = format!("{}-t", ns.name());
+    apply_template(client, &rig_template(&template, "")).await?;
+    Ok((ns, template))
+}
+
 /// Sets up a namespace with the credentials Secret, after installing the CRDs.
 pub async fn namespace(rig: &Rig, client: &Client, prefix: &str) -> Result<TestNamespace> {
     install_crds(rig).await?;
