@@ -9,7 +9,8 @@
 # Exits non-zero if any binary failed, or if the rig's own checks did.
 #
 # Env: BAKER_RIG_DIR (state dir); CARGO_TEST_ARGS: run one `cargo test $CARGO_TEST_ARGS` instead
-# of every binary (e.g. CARGO_TEST_ARGS='--test restart_e2e').
+# of every binary (e.g. CARGO_TEST_ARGS='--test requests_e2e'); BAKER_TEST_SHUFFLE=SEED: run the
+# binaries in a shuffled order.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)

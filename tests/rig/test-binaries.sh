@@ -6,6 +6,9 @@
 # binary and a closing "N passed, N failed" line; each binary's output is kept in
 # target/test-logs/.
 #
+# BAKER_TEST_SHUFFLE=SEED runs the binaries in an order shuffled by SEED (reproducible), to show
+# that none depends on another having run first.
+#
 # Called by run-tests.sh (`make test`), which brings the rig up and sources its env first.
 set -uo pipefail
 
@@ -40,6 +43,10 @@ for line in open(sys.argv[1]):
     print(pkg, t["kind"][0], t["name"], os.path.dirname(m["manifest_path"]), m["executable"])
 ' "$logs/build.json" | sort -k1,1 -k2,2 -k3,3) || { log "FAIL: cannot read cargo's list of test binaries"; exit 1; }
 [ -n "$binaries" ] || { log "FAIL: cargo built no test binary"; exit 1; }
+if [ -n "${BAKER_TEST_SHUFFLE:-}" ]; then
+	binaries=$(shuf --random-source=<(yes "$BAKER_TEST_SHUFFLE") <<<"$binaries")
+	log "order shuffled with seed $BAKER_TEST_SHUFFLE: $(awk '{ printf "%s ", $3 }' <<<"$binaries")"
+fi
 
 summary=() passed=0 failed=0 bad=0
 while read -r pkg kind name dir exe; do
