@@ -34,8 +34,8 @@ pub enum Error {
     #[error("writing AmiCatalog status failed: {0}")]
     PatchCatalogStatus(#[source] kube::Error),
 
-    #[error("listing Bakes failed: {0}")]
-    ListBakes(#[source] kube::Error),
+    #[error("the cache of {0} is not running")]
+    CacheNotReady(&'static str),
 
     #[error("stopping the bake pod failed: {0}")]
     DeletePod(#[source] kube::Error),
@@ -52,7 +52,7 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::MissingField(_) => "invalid_object",
-            Error::GetCatalog(_) | Error::GetBake(_) | Error::ListBakes(_) => "kube_read",
+            Error::GetCatalog(_) | Error::GetBake(_) | Error::CacheNotReady(_) => "kube_read",
             Error::CreateConfigMap(_)
             | Error::CreatePod(_)
             | Error::PatchStatus(_)
@@ -75,7 +75,7 @@ mod tests {
     fn every_category_is_listed() {
         let errors = [
             Error::MissingField("x"),
-            Error::ListBakes(kube::Error::LinesCodecMaxLineLengthExceeded),
+            Error::CacheNotReady("Bakes"),
             Error::PatchStatus(kube::Error::LinesCodecMaxLineLengthExceeded),
             Error::Ec2(crate::aws::Ec2Error {
                 action: "DescribeImages",

@@ -229,8 +229,12 @@ async fn run_controllers(
     let health = bakes.health.clone();
     // Every consumer subscribes before the watches start, so none misses the first list.
     let bake_controller = controller::run(bakes.clone(), &caches);
-    let catalog_controller =
-        crate::catalog::controller::run(catalogs, health.clone(), caches.bakes.subscribe());
+    let catalog_controller = crate::catalog::controller::run(
+        catalogs,
+        health.clone(),
+        caches.bakes.subscribe(),
+        caches.bakes.store(),
+    );
     let namespace = bakes.config.watch_namespace.clone();
     tokio::select! {
         _ = caches.run(bakes.client.clone(), namespace.as_deref(), health) => {}

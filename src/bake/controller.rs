@@ -36,6 +36,9 @@ use crate::packer::{self, BakeIdentity, RenderInput, ResolvedSource};
 /// The field manager of every write Baker makes.
 pub const FIELD_MANAGER: &str = "baker";
 
+/// Bakes reconciled at once.
+const CONCURRENCY: u16 = 32;
+
 /// How long to wait for EC2 to list an AMI that packer reported, before failing the Bake.
 const IMAGE_VISIBILITY_GRACE: Duration = Duration::from_secs(300);
 
@@ -1005,6 +1008,10 @@ pub fn run(ctx: Arc<Context>, caches: &Caches) -> impl Future<Output = ()> + use
     let queue_store = caches.bakes.store();
     let woken = locked(&ctx.woken).take();
     let mut controller = Controller::for_shared_stream(caches.bakes.subscribe(), caches.bakes.store())
+        // Reconciles read caches and write only on change, so many can run at once; the bound
+        // keeps a burst (every Bake replayed at a start) from opening thousands of requests. No
+        // debounce: it would add its delay to every apply -> pod.
+        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         .owns_shared_stream(caches.pods.subscribe())
         // A Bake that ends frees a slot, or an image: the Bakes waiting for it look again at once.
         .watches_shared_stream(caches.bakes.subscribe(), move |bake: Arc<Bake>| {

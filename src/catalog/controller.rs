@@ -6,10 +6,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
@@ -21,6 +21,9 @@ use crate::api::{AmiCatalog, AmiCatalogStatus, Bake};
 use crate::aws::{Ec2, Ec2Error, ImageSummary, Uses};
 use crate::bake::controller::FIELD_MANAGER;
 use crate::error::{Error, Result};
+
+/// Catalogs synced at once.
+const CONCURRENCY: u16 = 4;
 
 /// When a catalog last read EC2, and at which generation of its spec.
 type LastSync = (Instant, Option<i64>);
@@ -35,6 +38,8 @@ pub struct Context {
     last_sync: Mutex<HashMap<String, LastSync>>,
     /// Catalogs (by UID) a succeeded Bake asked to refresh before their interval.
     forced: Mutex<HashSet<String>>,
+    /// The process's Bake cache, for retention's "still used" check; set by [`run`].
+    bakes: std::sync::OnceLock<Store<Bake>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -52,6 +57,7 @@ impl Context {
             watch_namespace,
             last_sync: Mutex::new(HashMap::new()),
             forced: Mutex::new(HashSet::new()),
+            bakes: std::sync::OnceLock::new(),
         }
     }
 
@@ -143,7 +149,7 @@ async fn retain(
     }
     let region = &catalog.spec.region;
     let ids: Vec<String> = past.iter().map(|i| i.image_id.clone()).collect();
-    let bakes = bake_uses(ctx).await?;
+    let bakes = bake_uses(ctx)?;
     let checks = async {
         let bases = ctx.ec2.bases_among(region, &ids).await?;
         let instances = ctx.ec2.instances_using(region, &ids).await?;
@@ -195,14 +201,11 @@ async fn retain(
 }
 
 /// Images Bakes in the operator's scope name: their AMIs, and the sources of Bakes not finished.
-async fn bake_uses(ctx: &Context) -> Result<Uses> {
-    let api: Api<Bake> = match &ctx.watch_namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    let bakes = api.list(&ListParams::default()).await.map_err(Error::ListBakes)?;
+/// Read from the Bake cache; without it (never in `run`) retention removes nothing.
+fn bake_uses(ctx: &Context) -> Result<Uses> {
+    let bakes = ctx.bakes.get().ok_or(Error::CacheNotReady("Bakes"))?.state();
     let mut uses = Uses::new();
-    for bake in &bakes.items {
+    for bake in &bakes {
         let Some(status) = bake.status.as_ref() else {
             continue;
         };
@@ -260,17 +263,23 @@ fn error_policy(_catalog: Arc<AmiCatalog>, error: &Error, _ctx: Arc<Context>) ->
 }
 
 /// Runs the AmiCatalog controller until a shutdown signal. `bakes` is the process's shared
-/// stream of Bakes: one that succeeds refreshes the catalogs its image may belong to.
+/// stream of Bakes (one that succeeds refreshes the catalogs its image may belong to), and
+/// `bake_store` its cache.
 pub async fn run(
     ctx: Arc<Context>,
     health: Arc<crate::http::Health>,
     bakes: impl futures::Stream<Item = Arc<Bake>> + Send + 'static,
+    bake_store: Store<Bake>,
 ) {
+    let _ = ctx.bakes.set(bake_store);
     let catalogs: Api<AmiCatalog> = match &ctx.watch_namespace {
         Some(ns) => Api::namespaced(ctx.client.clone(), ns),
         None => Api::all(ctx.client.clone()),
     };
-    let controller = Controller::new(catalogs, watcher::Config::default().any_semantic());
+    // A sync pages through EC2: a few at once keep a burst of catalogs from throttling the
+    // account's DescribeImages rate.
+    let controller = Controller::new(catalogs, watcher::Config::default().any_semantic())
+        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
     let store = controller.store();
     health.catalogs_watched(controller.store());
     let trigger = ctx.clone();
