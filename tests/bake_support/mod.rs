@@ -206,6 +206,14 @@ impl Operator {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(vars)
             .env("KUBECONFIG", kubeconfig)
+            // The rig's mark: `rig down` stops this process even if the test was killed before
+            // it could drop it.
+            .env(
+                "BAKER_RIG_INSTANCE",
+                rig.dir()
+                    .canonicalize()
+                    .unwrap_or_else(|_| rig.dir().to_path_buf()),
+            )
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err)
