@@ -178,13 +178,7 @@ async fn two_hundred_bakes_applied_at_once_with_a_cap_of_three_never_exceed_it_n
         Ok(if finished == BAKES {
             Seen::Done(list)
         } else {
-            let mut tally = std::collections::BTreeMap::<String, usize>::new();
-            for b in &list {
-                *tally.entry(ready_reason(b).unwrap_or_default()).or_default() += 1;
-            }
-            Seen::Waiting {
-                state: format!("{tally:?}"),
-            }
+            Seen::Waiting { state: tally(&list) }
         })
     })
     .await?;

@@ -8,6 +8,7 @@
 //! namespaces to finish deleting.
 
 mod bake_support;
+mod ship_support;
 mod support;
 
 use std::collections::BTreeMap;
@@ -74,7 +75,7 @@ async fn writes(rig: &Rig) -> Result<u64> {
 /// The operator's own counters of one metric family, by label set (e.g.
 /// `{verb="patch",resource="bakes"}`), from its `/metrics`.
 async fn operator_counts(operator: &Operator, family: &str) -> Result<BTreeMap<String, u64>> {
-    let text = reqwest_free_get(&operator.http, "/metrics").await?;
+    let text = ship_support::get(&operator.http, "/metrics").await?.body;
     let prefix = format!("{family}{{");
     Ok(text
         .lines()
@@ -98,21 +99,6 @@ fn grown_counts(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>) -
             (*n > was).then(|| format!("{series} +{}", n - was))
         })
         .collect()
-}
-
-/// A plain HTTP/1.0 GET on loopback, returning the body.
-async fn reqwest_free_get(addr: &str, path: &str) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream
-        .write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
-        .await?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).await?;
-    Ok(text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default())
 }
 
 /// Waits until no other test's namespace is left: namespaces being deleted write pods and Events.
@@ -144,25 +130,6 @@ async fn other_namespaces_gone(client: &Client, mine: &str) -> Result<()> {
         },
     )
     .await
-}
-
-/// Bakes by phase and Ready reason, e.g. `Queued/Queued=150 Running/Running=1`: progress for
-/// waits, and what was stuck when one fails.
-fn tally(bakes: &[Bake]) -> String {
-    let mut counts = std::collections::BTreeMap::<String, usize>::new();
-    for b in bakes {
-        let key = format!(
-            "{}/{}",
-            b.phase().map(|p| p.as_str()).unwrap_or("none"),
-            ready_reason(b).unwrap_or_default()
-        );
-        *counts.entry(key).or_default() += 1;
-    }
-    counts
-        .iter()
-        .map(|(k, n)| format!("{k}={n}"))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 const BAKES: usize = 300;

@@ -343,6 +343,25 @@ pub async fn wait_for_phase(api: &Api<Bake>, name: &str, phase: BakePhase, stall
     Ok(bake)
 }
 
+/// Bakes by phase and Ready reason, e.g. `Queued/Queued=150 Running/Running=1`: progress for
+/// waits over many Bakes, and what was stuck when one fails.
+pub fn tally(bakes: &[Bake]) -> String {
+    let mut counts = BTreeMap::<String, usize>::new();
+    for b in bakes {
+        let key = format!(
+            "{}/{}",
+            b.phase().map(|p| p.as_str()).unwrap_or("none"),
+            ready_reason(b).unwrap_or_default()
+        );
+        *counts.entry(key).or_default() += 1;
+    }
+    counts
+        .iter()
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 /// Which client chunks a [`SlowProxy`] holds back, and for how long.
 #[derive(Clone, Debug)]
 pub enum Delay {
