@@ -7,15 +7,14 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use kube::api::{Api, DeleteParams, Preconditions};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use tracing::{info, warn};
 
-use super::controller::{BakeRef, Context, now, publish};
+use super::controller::{BakeRef, Context, delete_pod, now, publish};
 use super::pod;
 use crate::api::{Bake, keys};
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 fn pod_is_done(pod: &Pod) -> bool {
     matches!(
@@ -42,22 +41,9 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
         .filter(|p| p.owner_references().iter().any(|o| o.uid == b.uid))
         && !pod_is_done(&pod)
     {
-        let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
         if pod.metadata.deletion_timestamp.is_none() {
             let grace = ctx.config.bake_grace_seconds.max(0);
-            let params = DeleteParams {
-                grace_period_seconds: u32::try_from(grace).ok(),
-                preconditions: Some(Preconditions {
-                    uid: pod.uid(),
-                    resource_version: None,
-                }),
-                ..Default::default()
-            };
-            match pods.delete(&pod_name, &params).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-                Err(e) => return Err(Error::DeletePod(e)),
-            }
+            delete_pod(ctx, &pod, grace).await?;
             info!(pod = %pod_name, grace, "stopping bake pod of deleted Bake");
             publish(
                 &b,

@@ -747,10 +747,16 @@ async fn stop_unstarted_pod(ctx: &Context, pod: &Pod) -> Result<()> {
     if pod.metadata.deletion_timestamp.is_some() {
         return Ok(());
     }
+    delete_pod(ctx, pod, 0).await
+}
+
+/// Deletes this very pod (its UID as a precondition, so a newer pod of the same name is never
+/// hit) with `grace` seconds to stop; one already gone or replaced is not an error.
+pub(crate) async fn delete_pod(ctx: &Context, pod: &Pod, grace: i64) -> Result<()> {
     let namespace = pod.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
     let params = kube::api::DeleteParams {
-        grace_period_seconds: Some(0),
+        grace_period_seconds: u32::try_from(grace.max(0)).ok(),
         preconditions: Some(kube::api::Preconditions {
             uid: pod.uid(),
             resource_version: None,
