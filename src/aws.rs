@@ -92,6 +92,28 @@ impl From<&Image> for ImageSummary {
     }
 }
 
+impl ImageSummary {
+    /// Whether Baker baked this image: it carries the UID of the Bake that made it.
+    pub fn baked_by_baker(&self) -> bool {
+        self.tags.contains_key(crate::api::keys::BAKE_UID)
+    }
+
+    /// The namespace of the Bake that made the image: its `baker.io/namespace` tag, or for images
+    /// made before that tag existed, the namespace part of its `baker.io/bake` tag. `None` for an
+    /// image Baker did not bake.
+    pub fn baker_namespace(&self) -> Option<&str> {
+        use crate::api::keys;
+        if !self.baked_by_baker() {
+            return None;
+        }
+        self.tags
+            .get(keys::NAMESPACE)
+            .map(String::as_str)
+            .or_else(|| self.tags.get(keys::BAKE)?.split_once('/').map(|(ns, _)| ns))
+            .filter(|ns| !ns.is_empty())
+    }
+}
+
 /// Newest first by creation date (ISO 8601 sorts as text), then by id for a stable order.
 pub fn sort_newest_first(images: &mut [ImageSummary]) {
     images.sort_by(|a, b| {
@@ -168,28 +190,36 @@ impl Ec2 {
         owners: &[String],
         filters: Vec<Filter>,
     ) -> Result<Vec<ImageSummary>, Ec2Error> {
+        Ok(self.images_capped(region, owners, filters, usize::MAX).await?.0)
+    }
+
+    /// Images of these owners matching server-side filters, every page newest first, stopping
+    /// once `max` images were read; `true` when it stopped early (more images match).
+    pub async fn images_capped(
+        &self,
+        region: &str,
+        owners: &[String],
+        filters: Vec<Filter>,
+        max: usize,
+    ) -> Result<(Vec<ImageSummary>, bool), Ec2Error> {
         let mut request = self.client(region).describe_images().set_filters(Some(filters));
         for owner in owners {
             request = request.owners(owner);
         }
         let mut pages = request.into_paginator().send();
         let mut out = Vec::new();
+        let mut cut = false;
         while let Some(page) = pages.next().await {
             let page = page.map_err(|e| Ec2Error::from_sdk("DescribeImages", e))?;
             out.extend(page.images().iter().map(ImageSummary::from));
+            if out.len() >= max {
+                cut = out.len() > max || page.next_token().is_some_and(|t| !t.is_empty());
+                break;
+            }
         }
         sort_newest_first(&mut out);
-        Ok(out)
-    }
-
-    /// Images of these owners matching server-side filters, every page, newest first.
-    pub async fn images(
-        &self,
-        region: &str,
-        owners: &[String],
-        filters: Vec<Filter>,
-    ) -> Result<Vec<ImageSummary>, Ec2Error> {
-        self.describe(region, owners, filters).await
+        out.truncate(max);
+        Ok((out, cut))
     }
 
     /// The newest available image matching a template's source filter, if any.

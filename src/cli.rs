@@ -235,7 +235,7 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             let catalog_ctx = std::sync::Arc::new(crate::catalog::controller::Context::new(
                 client.clone(),
                 Ec2::new(aws.clone()),
-                config.watch_namespace.clone(),
+                &config,
             ));
             let ec2 = Ec2::new(aws);
             tracing::info!(

@@ -1,6 +1,6 @@
 //! Operator configuration: flags with environment fallbacks, so the Helm chart can set either.
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
 /// The bake image used when a template names none: Packer 1.6.6 ships the Amazon builders
 /// built in and reads the JSON templates Baker renders.
@@ -65,6 +65,54 @@ pub struct OperatorConfig {
     /// Unset: every namespace (the Helm chart always sets it).
     #[arg(long, env = "BAKER_BAKE_NAMESPACES", value_delimiter = ',')]
     pub bake_namespaces: Vec<String>,
+
+    /// Which earlier images a Bake may reuse instead of baking: `namespace` (default) only images
+    /// baked for Bakes of its own namespace; `cluster` those of any namespace. Either way the
+    /// image must carry the Bake's key in its own `baker.io/bake-key` tag.
+    #[arg(long, env = "BAKER_REUSE_SCOPE", value_enum, default_value_t = Scope::Namespace)]
+    pub reuse_scope: Scope,
+
+    /// Which images an AmiCatalog's retention may remove: `namespace` (default) only images Baker
+    /// baked for Bakes of the catalog's own namespace; `cluster` images Baker baked for any
+    /// namespace. Images Baker did not bake are never removed.
+    #[arg(long, env = "BAKER_RETENTION_SCOPE", value_enum, default_value_t = Scope::Namespace)]
+    pub retention_scope: Scope,
+
+    /// Most images one catalog sync removes; the rest wait for the next sync (and show in
+    /// `status.retention.deferred`).
+    #[arg(long, env = "BAKER_RETENTION_MAX_REMOVALS", default_value_t = 5)]
+    pub retention_max_removals: usize,
+
+    /// Most images one catalog sync reads from EC2; a query that matches more is cut there (newest
+    /// first within what was read) and says so in its `Ready` message, and its retention pauses.
+    #[arg(long, env = "BAKER_CATALOG_MAX_IMAGES", default_value_t = 2000)]
+    pub catalog_max_images: usize,
+
+    /// Attempts at creating a bake pod (or its ConfigMap) that the API server refuses (a
+    /// ResourceQuota, Pod Security admission, a webhook) before the Bake fails with reason
+    /// `PodRejected`.
+    #[arg(long, env = "BAKER_POD_CREATE_ATTEMPTS", default_value_t = 3)]
+    pub pod_create_attempts: u32,
+}
+
+/// Whose objects a tenant-facing feature may act on.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Scope {
+    /// Only the namespace the Bake or AmiCatalog is in.
+    #[default]
+    Namespace,
+    /// Every namespace in the operator's scope: a cluster admin's choice.
+    Cluster,
+}
+
+impl Scope {
+    /// Whether an image made for a Bake of `image_namespace` is within reach of `namespace`.
+    pub fn reaches(self, namespace: &str, image_namespace: Option<&str>) -> bool {
+        match self {
+            Scope::Cluster => true,
+            Scope::Namespace => image_namespace == Some(namespace),
+        }
+    }
 }
 
 impl OperatorConfig {
@@ -88,6 +136,11 @@ impl Default for OperatorConfig {
             watch_namespace: None,
             ec2_endpoint: None,
             bake_namespaces: Vec::new(),
+            reuse_scope: Scope::Namespace,
+            retention_scope: Scope::Namespace,
+            retention_max_removals: 5,
+            catalog_max_images: 2000,
+            pod_create_attempts: 3,
         }
     }
 }
@@ -111,5 +164,13 @@ mod tests {
         assert!(config.bake_namespace_allowed("team-a"));
         assert!(!config.bake_namespace_allowed("kube-system"));
         assert!(!config.bake_namespace_allowed("bake"));
+    }
+
+    #[test]
+    fn namespace_scope_reaches_only_images_of_the_same_namespace() {
+        assert!(Scope::Namespace.reaches("team-a", Some("team-a")));
+        assert!(!Scope::Namespace.reaches("team-a", Some("team-b")));
+        assert!(!Scope::Namespace.reaches("team-a", None));
+        assert!(Scope::Cluster.reaches("team-a", Some("team-b")));
     }
 }

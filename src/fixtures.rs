@@ -23,6 +23,7 @@ pub fn template(builder: Builder) -> BakeTemplateSpec {
         timeout_seconds: None,
         ec2_endpoint: None,
         packer_image: None,
+        pod: None,
     }
 }
 

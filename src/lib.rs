@@ -20,3 +20,4 @@ pub mod metrics;
 pub mod operator;
 pub mod packer;
 pub mod seed;
+pub mod usage;

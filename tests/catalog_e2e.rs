@@ -15,8 +15,7 @@ use aws_sdk_ec2::types::{Filter, Tag};
 use bake_support::*;
 use baker::api::catalog::AmiCatalogStatus;
 use baker::api::{AmiCatalog, Bake, BakePhase, keys};
-use kube::api::{Patch, PatchParams};
-use kube::{Api, ResourceExt};
+use kube::ResourceExt;
 use support::{random_suffix, rig, try_wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -137,32 +136,6 @@ impl Drop for CountingProxy {
     }
 }
 
-/// Registers `count` images named `<prefix>-<i>` in moto and tags them all at once.
-async fn register_images(
-    ec2: &aws_sdk_ec2::Client,
-    prefix: &str,
-    count: usize,
-    tags: &[(&str, &str)],
-) -> Result<Vec<String>> {
-    let mut ids = Vec::with_capacity(count);
-    for i in 0..count {
-        let out = ec2
-            .register_image()
-            .name(format!("{prefix}-{i:03}"))
-            .root_device_name("/dev/xvda")
-            .send()
-            .await
-            .with_context(|| format!("registering {prefix}-{i:03}"))?;
-        ids.push(out.image_id().unwrap_or_default().to_string());
-    }
-    let mut request = ec2.create_tags().set_resources(Some(ids.clone()));
-    for (k, v) in tags {
-        request = request.tags(Tag::builder().key(*k).value(*v).build());
-    }
-    request.send().await.context("tagging images")?;
-    Ok(ids)
-}
-
 /// Image ids of this account matching one filter, newest first by the operator's own rule
 /// (creation date, then id: moto's dates have one-second resolution).
 async fn expected_newest(ec2: &aws_sdk_ec2::Client, filter: Filter, limit: usize) -> Result<Vec<String>> {
@@ -177,40 +150,12 @@ async fn expected_newest(ec2: &aws_sdk_ec2::Client, filter: Filter, limit: usize
     Ok(images.into_iter().take(limit).map(|i| i.image_id).collect())
 }
 
-async fn apply_catalog(api: &Api<AmiCatalog>, yaml: &str) -> Result<AmiCatalog> {
-    let catalog: AmiCatalog = serde_yaml::from_str(yaml)?;
-    Ok(api
-        .patch(
-            &catalog.name_any(),
-            &PatchParams::apply("baker-tests").force(),
-            &Patch::Apply(&catalog),
-        )
-        .await?)
-}
-
 fn ready(status: &AmiCatalogStatus) -> Option<(String, String)> {
     status
         .conditions
         .iter()
         .find(|c| c.type_ == "Ready")
         .map(|c| (c.status.clone(), c.reason.clone()))
-}
-
-/// Waits until the catalog's status satisfies `cond`.
-async fn wait_catalog(
-    api: &Api<AmiCatalog>,
-    name: &str,
-    timeout: Duration,
-    what: &str,
-    cond: impl Fn(&AmiCatalogStatus) -> bool,
-) -> Result<AmiCatalog> {
-    try_wait_until(timeout, what, || async {
-        Ok(api
-            .get_opt(name)
-            .await?
-            .filter(|c| c.status.as_ref().is_some_and(&cond)))
-    })
-    .await
 }
 
 fn ids(status: &AmiCatalogStatus) -> Vec<String> {
@@ -656,7 +601,13 @@ async fn retention_keeps_the_newest_and_used_images_removes_the_rest_with_snapsh
         .and_then(|i| i.instance_id())
         .context("an instance")?
         .to_string();
-    let svc: &[(&str, &str)] = &[(keys::SERVICE, &service)];
+    // Tagged as Baker tags what it bakes for this namespace: retention considers nothing else.
+    let uid = format!("retention-{sfx}");
+    let svc: &[(&str, &str)] = &[
+        (keys::SERVICE, &service),
+        (keys::BAKE_UID, &uid),
+        (keys::NAMESPACE, ns.name()),
+    ];
     let base = image_from(&ec2, &instance, &format!("ret-{sfx}-base"), svc).await?;
     let old1 = image_from(&ec2, &instance, &format!("ret-{sfx}-old1"), svc).await?;
     let old2 = image_from(&ec2, &instance, &format!("ret-{sfx}-old2"), svc).await?;
@@ -677,7 +628,12 @@ async fn retention_keeps_the_newest_and_used_images_removes_the_rest_with_snapsh
             &ec2,
             &instance,
             &format!("ret-{sfx}-new3"),
-            &[(keys::SERVICE, &service), (keys::SOURCE_AMI, &base)],
+            &[
+                (keys::SERVICE, &service),
+                (keys::BAKE_UID, &uid),
+                (keys::NAMESPACE, ns.name()),
+                (keys::SOURCE_AMI, &base),
+            ],
         )
         .await?,
     );

@@ -29,13 +29,17 @@ use serde::{Deserialize, Serialize};
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.retention) || !has(self.owners) || self.owners.all(o, o == 'self' || o.matches('^[0-9]{12}$'))"
 ).message("retention removes images of this account only: owners must be self or account ids"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.namePattern) || !has(self.owners) || self.owners.all(o, o == 'self' || o.matches('^[0-9]{12}$'))"
+).message("a catalog of images owned by amazon, aws-marketplace or others needs a namePattern: without one every sync would page through all of their public images"))]
 #[serde(rename_all = "camelCase")]
 pub struct AmiCatalogSpec {
     /// AWS region to list images in.
     #[schemars(length(min = 1, max = 32))]
     pub region: String,
 
-    /// Image owners: account ids, `self`, `amazon` or `aws-marketplace`. Default `self`.
+    /// Image owners: account ids, `self`, `amazon` or `aws-marketplace`. Default `self`. Owners
+    /// other than `self` and account ids need a `namePattern`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 10))]
     pub owners: Vec<String>,
@@ -65,10 +69,12 @@ pub struct AmiCatalogSpec {
     #[schemars(range(min = 10, max = 86400))]
     pub refresh_interval_seconds: Option<i64>,
 
-    /// Opt-in removal of old images of this account that the catalog matches: deregistered, their
-    /// snapshots deleted. An image is never removed while it is the recorded base
-    /// (`baker.io/source-ami`) of another image, the `amiId` or source of an existing Bake, used
-    /// by an instance, or named by a launch template.
+    /// Opt-in removal of old images that the catalog matches: deregistered, their snapshots
+    /// deleted. Only images Baker baked for Bakes of this catalog's namespace are considered
+    /// (the operator's admin may widen this to every namespace); images Baker did not bake are
+    /// never removed. An image is never removed while it is the recorded base
+    /// (`baker.io/source-ami`) of another image, the `amiId` or source of an existing Bake in any
+    /// namespace, used by an instance, or named by a launch template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
 }
@@ -80,7 +86,7 @@ pub struct AmiCatalogSpec {
 #[serde(rename_all = "camelCase")]
 pub struct Retention {
     /// Keep the newest N images of each service (images without a `baker.io/service` tag form
-    /// one group).
+    /// one group). The newest image of each service is always kept.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 1000))]
     pub keep_newest: Option<i32>,
@@ -154,9 +160,16 @@ pub struct RetentionStatus {
     /// Images removed at the last pass that removed any (or that would be removed now).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub removed: Vec<RemovedImage>,
-    /// Images past the policy that are kept because something uses them.
+    /// Images past the policy that are kept because something uses them (the first 20).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub protected: Vec<ProtectedImage>,
+    /// How many more protected images there are than `protected` lists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protected_not_listed: Option<i32>,
+    /// Images past the policy and unused that this sync left for later ones: each sync removes
+    /// at most the operator's limit (5 by default), so one policy change cannot sweep an account.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deferred: Option<i32>,
 }
 
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]

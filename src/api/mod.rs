@@ -27,6 +27,8 @@ pub mod keys {
     pub const BAKE_KEY: &str = "baker.io/bake-key";
     /// `namespace/name` of the Bake.
     pub const BAKE: &str = "baker.io/bake";
+    /// Namespace of the Bake that made the image: the tenant a catalog's retention may act for.
+    pub const NAMESPACE: &str = "baker.io/namespace";
     pub const SERVICE: &str = "baker.io/service";
     pub const VERSION: &str = "baker.io/version";
     pub const TEMPLATE: &str = "baker.io/template";

@@ -115,6 +115,41 @@ pub struct BakeTemplateSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 512))]
     pub packer_image: Option<String>,
+
+    /// Where bake pods of this template run and what they may use: pin `amazon-chroot` bakes,
+    /// which run as root on their node, to dedicated nodes with a node selector, tolerations and
+    /// affinity, and give every bake pod resource requests and limits. Placement does not change
+    /// the image, so it is not part of the bake key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<BakePodSettings>,
+}
+
+/// Placement and resources of bake pods, as in a pod spec.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct BakePodSettings {
+    /// Labels a node must have to run the bake pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(length(max = 20))]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints the bake pod tolerates, e.g. those of nodes reserved for chroot bakes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+
+    /// Node affinity and pod (anti-)affinity of the bake pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+
+    /// CPU and memory requests and limits of the packer container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+
+    /// Priority class of the bake pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
 }
 
 /// Which Packer builder bakes the image.

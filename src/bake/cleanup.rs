@@ -15,6 +15,7 @@ use super::controller::{BakeRef, Context, delete_pod, now, publish};
 use super::pod;
 use crate::api::{Bake, keys};
 use crate::error::Result;
+use crate::usage;
 
 fn pod_is_done(pod: &Pod) -> bool {
     matches!(
@@ -32,29 +33,59 @@ pub enum Cleanup {
     Pending(Action),
 }
 
+/// Seconds past the pod's grace period that the finalizer waits for a bake pod to stop before it
+/// goes on without it (a node that is gone never reports the pod stopped).
+pub const POD_STOP_SLACK_SECONDS: i64 = 30;
+
 pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
     let b = BakeRef::new(bake)?;
     let pod_name = pod::pod_name(&b.name);
+    let deleted_at = bake
+        .metadata
+        .deletion_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or_else(|| now().0);
+    let waited = now().0.duration_since(deleted_at).as_secs();
     if let Some(pod) = ctx
         .stores
         .pod(&b.namespace, &pod_name)
         .filter(|p| p.owner_references().iter().any(|o| o.uid == b.uid))
         && !pod_is_done(&pod)
     {
-        if pod.metadata.deletion_timestamp.is_none() {
-            let grace = ctx.config.bake_grace_seconds.max(0);
-            delete_pod(ctx, &pod, grace).await?;
-            info!(pod = %pod_name, grace, "stopping bake pod of deleted Bake");
-            publish(
-                &b,
-                ctx,
-                EventType::Normal,
-                "Cancelling",
-                format!("stopping bake pod {pod_name}; packer has {grace}s to clean up"),
-            )
-            .await;
+        let grace = ctx.config.bake_grace_seconds.max(0);
+        let bound = grace + POD_STOP_SLACK_SECONDS;
+        if waited < bound {
+            if pod.metadata.deletion_timestamp.is_none() {
+                // A refused delete is retried until the bound, then reported below.
+                match delete_pod(ctx, &pod, grace).await {
+                    Ok(()) => {
+                        info!(pod = %pod_name, grace, "stopping bake pod of deleted Bake");
+                        publish(
+                            &b,
+                            ctx,
+                            EventType::Normal,
+                            "Cancelling",
+                            format!("stopping bake pod {pod_name}; packer has {grace}s to clean up"),
+                        )
+                        .await;
+                    }
+                    Err(e) => warn!(pod = %pod_name, error = %e, "could not stop the bake pod; retrying"),
+                }
+            }
+            return Ok(Cleanup::Pending(Action::requeue(Duration::from_secs(2))));
         }
-        return Ok(Cleanup::Pending(Action::requeue(Duration::from_secs(2))));
+        warn!(pod = %pod_name, waited, "bake pod did not stop; releasing the Bake without it");
+        publish(
+            &b,
+            ctx,
+            EventType::Warning,
+            "PodStopIncomplete",
+            format!(
+                "bake pod {pod_name} did not stop within {bound}s of the Bake's deletion (a delete refused, a finalizer on the pod, or a node that is gone); the Bake is released and EC2 is swept now. Check the pod: packer may still be running"
+            ),
+        )
+        .await;
     }
 
     // Never launched: nothing can be in EC2.
@@ -65,10 +96,44 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
     else {
         return Ok(Cleanup::Done);
     };
-    let remove_image =
-        bake.spec.deregister_image_on_delete && b.status().is_some_and(|s| s.reused_from.is_none());
-    match ctx.ec2.sweep(&region, &b.uid, remove_image).await {
-        Ok(report) => {
+    let ami = b
+        .status()
+        .filter(|s| s.reused_from.is_none())
+        .and_then(|s| s.ami_id.clone())
+        .filter(|_| bake.spec.deregister_image_on_delete);
+    let swept = async {
+        // The same rule as retention: an image another Bake (in any namespace), another image,
+        // an instance or a launch template uses is kept.
+        let kept = match &ami {
+            Some(ami) => {
+                let bakes = ctx.stores.bakes.state();
+                let others = usage::bake_uses(&bakes, Some(&b.uid));
+                usage::in_use(&ctx.ec2, &region, std::slice::from_ref(ami), others)
+                    .await?
+                    .remove(ami)
+                    .map(|reason| (ami.clone(), reason))
+            }
+            None => None,
+        };
+        let report = ctx
+            .ec2
+            .sweep(&region, &b.uid, ami.is_some() && kept.is_none())
+            .await?;
+        Ok::<_, crate::aws::Ec2Error>((report, kept))
+    };
+    match swept.await {
+        Ok((report, kept)) => {
+            if let Some((ami, reason)) = kept {
+                info!(image = %ami, reason = %reason, "kept the deleted Bake's image: still used");
+                publish(
+                    &b,
+                    ctx,
+                    EventType::Normal,
+                    "ImageKept",
+                    format!("deregisterImageOnDelete: kept {ami}, still {reason}"),
+                )
+                .await;
+            }
             if !report.is_empty() {
                 info!(removed = %report.describe(), "swept EC2 for deleted Bake");
                 publish(
@@ -83,13 +148,6 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
             Ok(Cleanup::Done)
         }
         Err(e) => {
-            let deleted_at = bake
-                .metadata
-                .deletion_timestamp
-                .as_ref()
-                .map(|t| t.0)
-                .unwrap_or_else(|| now().0);
-            let waited = now().0.duration_since(deleted_at).as_secs();
             if waited < ctx.config.cleanup_timeout_seconds {
                 warn!(error = %e, waited, "EC2 cleanup failed; retrying");
                 publish(

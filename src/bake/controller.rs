@@ -61,6 +61,8 @@ pub struct Context {
     /// Bakes whose pod this process created, and when: until the pod cache shows the pod, a
     /// reconcile need not create it again.
     created: Mutex<HashMap<String, Instant>>,
+    /// Refusals of a Bake's children by the API server so far, per Bake UID.
+    rejections: Mutex<HashMap<String, u32>>,
     /// Bakes to reconcile now, for wake-ups the watch cannot deliver (a deleted Bake's slot).
     wake: futures::channel::mpsc::UnboundedSender<ObjectRef<Bake>>,
     woken: Mutex<Option<futures::channel::mpsc::UnboundedReceiver<ObjectRef<Bake>>>>,
@@ -96,6 +98,7 @@ impl Context {
             launch_lock: tokio::sync::Mutex::new(()),
             expectations: Mutex::new(Expectations::default()),
             created: Mutex::new(HashMap::new()),
+            rejections: Mutex::new(HashMap::new()),
             wake,
             woken: Mutex::new(Some(woken)),
             health: Arc::new(crate::http::Health::default()),
@@ -429,17 +432,12 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     };
     let region = p.template.spec.region.clone();
 
-    // An identical image made earlier (by any Bake, in any cluster) is reused. EC2 is asked once
-    // per key: a Bake that waits has recorded the key it already looked up.
+    // An identical image made earlier (for a Bake within the reuse scope, in any cluster) is
+    // reused. EC2 is asked once per key: a Bake that waits has recorded the key it looked up.
     let looked_up = b.status().and_then(|s| s.bake_key.as_deref()) == Some(p.bake_key.as_str());
     if !spec.rebake
         && !looked_up
-        && let Some(image) = ctx
-            .ec2
-            .images_tagged(&region, keys::BAKE_KEY, &p.bake_key)
-            .await?
-            .into_iter()
-            .find(|i| i.state.as_deref() == Some("available"))
+        && let Some(image) = reusable_image(b, ctx, &region, &p.bake_key, None).await?
     {
         let from = image.tags.get(keys::BAKE).cloned();
         return reuse(b, ctx, &p.bake_key, &region, image.image_id, from).await;
@@ -456,12 +454,26 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
         global: ctx.config.max_concurrent_bakes.max(1),
         per_namespace: ctx.config.max_concurrent_bakes_per_namespace.map(|n| n.max(1)),
     };
-    let waiting = match queue::decide(&me, &p.bake_key, spec.rebake, &all, limits) {
-        Decision::Launch => None,
-        Decision::Reuse { ami_id, from } => {
+    let scope = ctx.config.reuse_scope;
+    let mut decision = queue::decide(&me, &p.bake_key, spec.rebake, scope, &all, limits);
+    if let Decision::Reuse { ami_id, from } = &decision {
+        // The other Bake's status is Baker's, but the image itself must still carry the key:
+        // an image deregistered or retagged since is no evidence.
+        if reusable_image(b, ctx, &region, &p.bake_key, Some(ami_id))
+            .await?
+            .is_some()
+        {
+            let (ami_id, from) = (ami_id.clone(), from.clone());
             drop(guard);
             return reuse(b, ctx, &p.bake_key, &region, ami_id, Some(from)).await;
         }
+        warn!(image = %ami_id, from = %from, "the identical Bake's image no longer carries its key; baking anew");
+        decision = queue::decide(&me, &p.bake_key, true, scope, &all, limits);
+    }
+    let waiting = match decision {
+        Decision::Launch => None,
+        // Not with `rebake` set, which the second decision has.
+        Decision::Reuse { .. } => None,
         Decision::WaitForIdentical { other } => Some(Transition::new(
             Reason::WaitingForIdenticalBake,
             format!("Bake {other} is baking the identical image; this Bake will reuse its AMI"),
@@ -513,6 +525,28 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
+/// An available image of this account tagged with `key` (EC2's own tag filter) and baked for a
+/// Bake within the operator's reuse scope; with `id`, only that image.
+async fn reusable_image(
+    b: &BakeRef<'_>,
+    ctx: &Context,
+    region: &str,
+    key: &str,
+    id: Option<&str>,
+) -> Result<Option<crate::aws::ImageSummary>> {
+    let scope = ctx.config.reuse_scope;
+    Ok(ctx
+        .ec2
+        .images_tagged(region, keys::BAKE_KEY, key)
+        .await?
+        .into_iter()
+        .filter(|i| id.is_none_or(|id| i.image_id == id))
+        .filter(|i| i.tags.get(keys::BAKE_KEY).map(String::as_str) == Some(key))
+        .find(|i| {
+            i.state.as_deref() == Some("available") && scope.reaches(&b.namespace, i.baker_namespace())
+        }))
+}
+
 /// A launch is recorded but its pod is not in the cache: this process created it a moment ago (its
 /// watch event is on the way), or a restart came between the record and the pod. Creates what is
 /// missing, from the recorded source, without deciding again: the slot was taken by the record.
@@ -561,22 +595,81 @@ async fn create_children(b: &BakeRef<'_>, ctx: &Context, p: &Prepared) -> Result
     };
     // The content must match too: a ConfigMap is editable by anyone who may edit the namespace's.
     let same_data = |existing: &ConfigMap| existing.data == config_map.data;
-    if let Created::Foreign = create_owned(&config_maps, &config_map, &b.uid, same_data)
-        .await
-        .map_err(Error::CreateConfigMap)?
-    {
-        return Ok(Some(conflict("ConfigMap", config_map.name_any())));
+    let created = create_owned(&config_maps, &config_map, &b.uid, same_data).await;
+    match refused(b, ctx, "ConfigMap", created).await {
+        Ok(Created::Ours) => {}
+        Ok(Created::Foreign) => return Ok(Some(conflict("ConfigMap", config_map.name_any()))),
+        Err(Refusal::Final(t)) => return Ok(Some(t)),
+        Err(Refusal::Retry(e)) => return Err(Error::CreateConfigMap(e)),
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
     let bake_pod = pod::bake_pod(&pod_input);
-    if let Created::Foreign = create_owned(&pods, &bake_pod, &b.uid, |_| true)
-        .await
-        .map_err(Error::CreatePod)?
-    {
-        return Ok(Some(conflict("Pod", bake_pod.name_any())));
+    let created = create_owned(&pods, &bake_pod, &b.uid, |_| true).await;
+    match refused(b, ctx, "Pod", created).await {
+        Ok(Created::Ours) => {}
+        Ok(Created::Foreign) => return Ok(Some(conflict("Pod", bake_pod.name_any()))),
+        Err(Refusal::Final(t)) => return Ok(Some(t)),
+        Err(Refusal::Retry(e)) => return Err(Error::CreatePod(e)),
     }
+    locked(&ctx.rejections).remove(&b.uid);
     locked(&ctx.created).insert(b.uid.clone(), Instant::now());
     Ok(None)
+}
+
+/// Why a child was not created.
+enum Refusal {
+    /// Try again later (the error policy's backoff): a transient error, or a refusal under the
+    /// attempt limit.
+    Retry(kube::Error),
+    /// Refused too often: the Bake fails with this.
+    Final(Transition),
+}
+
+/// Counts an API server's refusal of a Bake's child (a ResourceQuota, Pod Security admission, a
+/// webhook: a 4xx other than conflict and throttling) against the attempt limit, with a Warning
+/// Event for each; at the limit the Bake fails with reason `PodRejected` and the server's message,
+/// which frees its slot at once.
+async fn refused(
+    b: &BakeRef<'_>,
+    ctx: &Context,
+    kind: &str,
+    created: std::result::Result<Created, kube::Error>,
+) -> std::result::Result<Created, Refusal> {
+    let e = match created {
+        Ok(c) => return Ok(c),
+        Err(e) => e,
+    };
+    let message = match &e {
+        kube::Error::Api(s) if (400..500).contains(&s.code) && s.code != 409 && s.code != 429 => {
+            s.message.clone()
+        }
+        _ => return Err(Refusal::Retry(e)),
+    };
+    let attempts = ctx.config.pod_create_attempts.max(1);
+    let attempt = {
+        let mut rejections = locked(&ctx.rejections);
+        let n = rejections.entry(b.uid.clone()).or_insert(0);
+        *n += 1;
+        *n
+    };
+    let text = status::truncate(&message, 600);
+    if attempt < attempts {
+        warn!(kind, attempt, error = %text, "the API server refused a child of the Bake; retrying");
+        publish(
+            b,
+            ctx,
+            EventType::Warning,
+            Reason::PodRejected.as_str(),
+            format!("the API server refused the bake {kind} (attempt {attempt} of {attempts}): {text}"),
+        )
+        .await;
+        return Err(Refusal::Retry(e));
+    }
+    locked(&ctx.rejections).remove(&b.uid);
+    Err(Refusal::Final(Transition::new(
+        Reason::PodRejected,
+        format!("the API server refused the bake {kind} {attempts} time(s): {text}"),
+    )))
 }
 
 /// Succeeds a Bake with an image it did not bake itself.

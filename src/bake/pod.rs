@@ -107,6 +107,7 @@ fn env(input: &PodInput<'_>) -> Vec<EnvVar> {
 /// EBS volumes; `amazon-ebs` only calls the EC2 API and gets none of that.
 pub fn bake_pod(input: &PodInput<'_>) -> Pod {
     let chroot = input.template.builder == Builder::AmazonChroot;
+    let settings = input.template.pod.as_ref();
     let mut mounts = vec![
         VolumeMount {
             name: "template".into(),
@@ -196,6 +197,7 @@ pub fn bake_pod(input: &PodInput<'_>) -> Pod {
         // copies it into the Bake's status.
         termination_message_policy: Some("FallbackToLogsOnError".into()),
         security_context: Some(security_context),
+        resources: settings.and_then(|p| p.resources.clone()),
         ..Default::default()
     };
     Pod {
@@ -213,6 +215,12 @@ pub fn bake_pod(input: &PodInput<'_>) -> Pod {
                 fs_group: Some(BAKE_UID),
                 ..Default::default()
             }),
+            node_selector: settings
+                .map(|p| p.node_selector.clone())
+                .filter(|n| !n.is_empty()),
+            tolerations: settings.map(|p| p.tolerations.clone()).filter(|t| !t.is_empty()),
+            affinity: settings.and_then(|p| p.affinity.clone()),
+            priority_class_name: settings.and_then(|p| p.priority_class_name.clone()),
             ..Default::default()
         }),
         status: None,
@@ -255,6 +263,58 @@ mod tests {
 
     fn container(pod: &Pod) -> &Container {
         &pod.spec.as_ref().unwrap().containers[0]
+    }
+
+    #[test]
+    fn template_pod_settings_place_the_pod_and_size_its_container() {
+        use crate::api::template::BakePodSettings;
+        use k8s_openapi::api::core::v1::{ResourceRequirements, Toleration};
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let mut t = template(Builder::AmazonChroot);
+        t.pod = Some(BakePodSettings {
+            node_selector: BTreeMap::from([("baker.io/chroot".to_string(), "true".to_string())]),
+            tolerations: vec![Toleration {
+                key: Some("baker.io/chroot".into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Default::default()
+            }],
+            resources: Some(ResourceRequirements {
+                requests: Some(BTreeMap::from([("cpu".to_string(), Quantity("500m".into()))])),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        let pod = bake_pod(&PodInput {
+            bake_name: "b",
+            namespace: "team-a",
+            owner: owner(),
+            service: "s",
+            template: &t,
+            config: &OperatorConfig::default(),
+        });
+        let spec = pod.spec.as_ref().unwrap();
+        assert_eq!(
+            spec.node_selector
+                .as_ref()
+                .and_then(|n| n.get("baker.io/chroot"))
+                .map(String::as_str),
+            Some("true")
+        );
+        assert_eq!(spec.tolerations.as_ref().map(Vec::len), Some(1));
+        let requests = container(&pod)
+            .resources
+            .as_ref()
+            .and_then(|r| r.requests.as_ref());
+        assert_eq!(
+            requests.and_then(|r| r.get("cpu")),
+            Some(&Quantity("500m".into()))
+        );
+        // Without settings the pod spec has none of them.
+        let plain = pod_for(Builder::AmazonChroot, &OperatorConfig::default());
+        let plain_spec = plain.spec.as_ref().unwrap();
+        assert!(plain_spec.node_selector.is_none() && plain_spec.tolerations.is_none());
+        assert!(container(&plain).resources.is_none());
     }
 
     #[test]

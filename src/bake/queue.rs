@@ -9,6 +9,7 @@
 use std::collections::{HashMap, HashSet};
 
 use crate::api::{Bake, BakePhase};
+use crate::config::Scope;
 use kube::ResourceExt;
 
 /// What the gate needs to know about a Bake.
@@ -108,11 +109,23 @@ pub enum Decision {
     },
 }
 
-/// Decides for `me` (its key already computed), given every Bake in the operator's scope.
-pub fn decide(me: &BakeView, key: &str, rebake: bool, all: &[BakeView], limits: Limits) -> Decision {
+/// Decides for `me` (its key already computed), given every Bake in the operator's scope. Only
+/// identical Bakes within `reuse` of `me` count as identical: by default those of its own
+/// namespace.
+pub fn decide(
+    me: &BakeView,
+    key: &str,
+    rebake: bool,
+    reuse: Scope,
+    all: &[BakeView],
+    limits: Limits,
+) -> Decision {
     let others: Vec<&BakeView> = all.iter().filter(|b| b.uid != me.uid).collect();
     if !rebake {
-        let identical: Vec<&&BakeView> = others.iter().filter(|b| b.key.as_deref() == Some(key)).collect();
+        let identical: Vec<&&BakeView> = others
+            .iter()
+            .filter(|b| b.key.as_deref() == Some(key) && reuse.reaches(&me.namespace, Some(&b.namespace)))
+            .collect();
         if let Some(done) = identical
             .iter()
             .find(|b| b.phase == Some(BakePhase::Succeeded) && b.ami_id.is_some())
@@ -314,7 +327,14 @@ mod tests {
     fn first_bake_launches() {
         let me = view("a", 1);
         assert_eq!(
-            decide(&me, "key-a", false, std::slice::from_ref(&me), TWO),
+            decide(
+                &me,
+                "key-a",
+                false,
+                Scope::Namespace,
+                std::slice::from_ref(&me),
+                TWO
+            ),
             Decision::Launch
         );
     }
@@ -324,7 +344,7 @@ mod tests {
         let me = view("c", 3);
         let all = vec![running("a", 1), running("b", 2), me.clone()];
         assert!(matches!(
-            decide(&me, "key-c", false, &all, TWO),
+            decide(&me, "key-c", false, Scope::Namespace, &all, TWO),
             Decision::Queued { .. }
         ));
     }
@@ -333,16 +353,22 @@ mod tests {
     fn a_younger_bake_never_overtakes_an_older_waiting_one() {
         let all = vec![view("a", 1), view("b", 2), view("c", 3)];
         let limits = ONE;
-        assert_eq!(decide(&all[0], "key-a", false, &all, limits), Decision::Launch);
+        assert_eq!(
+            decide(&all[0], "key-a", false, Scope::Namespace, &all, limits),
+            Decision::Launch
+        );
         assert!(matches!(
-            decide(&all[2], "key-c", false, &all, limits),
+            decide(&all[2], "key-c", false, Scope::Namespace, &all, limits),
             Decision::Queued { .. }
         ));
         // Same second: namespace then name decide.
         let tie = vec![view("x-1", 5), view("x-2", 5)];
-        assert_eq!(decide(&tie[0], "key-x-1", false, &tie, limits), Decision::Launch);
+        assert_eq!(
+            decide(&tie[0], "key-x-1", false, Scope::Namespace, &tie, limits),
+            Decision::Launch
+        );
         assert!(matches!(
-            decide(&tie[1], "key-x-2", false, &tie, limits),
+            decide(&tie[1], "key-x-2", false, Scope::Namespace, &tie, limits),
             Decision::Queued { .. }
         ));
     }
@@ -357,7 +383,7 @@ mod tests {
             };
             let me = view("b", 2);
             assert_eq!(
-                decide(&me, "key-b", false, &[stuck, me.clone()], ONE),
+                decide(&me, "key-b", false, Scope::Namespace, &[stuck, me.clone()], ONE),
                 Decision::Launch,
                 "{reason}"
             );
@@ -378,10 +404,17 @@ mod tests {
         };
         let all = vec![other_ns.clone(), same_ns, me.clone()];
         assert!(
-            matches!(decide(&me, "key-c", false, &all, limits), Decision::Queued { message } if message.contains("namespace ns"))
+            matches!(decide(&me, "key-c", false, Scope::Namespace, &all, limits), Decision::Queued { message } if message.contains("namespace ns"))
         );
         assert_eq!(
-            decide(&me, "key-c", false, &[other_ns, me.clone()], limits),
+            decide(
+                &me,
+                "key-c",
+                false,
+                Scope::Namespace,
+                &[other_ns, me.clone()],
+                limits
+            ),
             Decision::Launch
         );
     }
@@ -397,7 +430,14 @@ mod tests {
             ..view("b", 2)
         };
         assert_eq!(
-            decide(&me, "k", false, &[first.clone(), me.clone()], TWO),
+            decide(
+                &me,
+                "k",
+                false,
+                Scope::Namespace,
+                &[first.clone(), me.clone()],
+                TWO
+            ),
             Decision::WaitForIdentical { other: "ns/a".into() }
         );
         let done = BakeView {
@@ -406,16 +446,50 @@ mod tests {
             ..first
         };
         assert_eq!(
-            decide(&me, "k", false, &[done.clone(), me.clone()], TWO),
+            decide(
+                &me,
+                "k",
+                false,
+                Scope::Namespace,
+                &[done.clone(), me.clone()],
+                TWO
+            ),
             Decision::Reuse {
                 ami_id: "ami-1".into(),
                 from: "ns/a".into()
             }
         );
         assert_eq!(
-            decide(&me, "k", true, &[done, me.clone()], TWO),
+            decide(&me, "k", true, Scope::Namespace, &[done, me.clone()], TWO),
             Decision::Launch,
             "rebake skips reuse"
+        );
+    }
+
+    #[test]
+    fn an_identical_bake_of_another_namespace_is_reused_only_with_cluster_scope() {
+        let theirs = BakeView {
+            namespace: "team-b".into(),
+            key: Some("k".into()),
+            phase: Some(BakePhase::Succeeded),
+            ami_id: Some("ami-theirs".into()),
+            ..view("a", 1)
+        };
+        let mine = BakeView {
+            key: Some("k".into()),
+            ..view("b", 2)
+        };
+        let all = [theirs, mine.clone()];
+        assert_eq!(
+            decide(&mine, "k", false, Scope::Namespace, &all, TWO),
+            Decision::Launch
+        );
+        assert_eq!(
+            decide(&mine, "k", false, Scope::Cluster, &all, TWO),
+            Decision::Reuse {
+                ami_id: "ami-theirs".into(),
+                from: "team-b/a".into()
+            }
         );
     }
 
@@ -430,11 +504,18 @@ mod tests {
             ..view("b", 2)
         };
         assert!(matches!(
-            decide(&me, "k", false, &[older.clone(), me.clone()], TWO),
+            decide(
+                &me,
+                "k",
+                false,
+                Scope::Namespace,
+                &[older.clone(), me.clone()],
+                TWO
+            ),
             Decision::WaitForIdentical { .. }
         ));
         assert_eq!(
-            decide(&older, "k", false, &[older.clone(), me], TWO),
+            decide(&older, "k", false, Scope::Namespace, &[older.clone(), me], TWO),
             Decision::Launch
         );
     }
@@ -494,12 +575,12 @@ mod tests {
             ..view("b", 2)
         };
         assert_eq!(
-            decide(&me, "k", false, &all, TWO),
+            decide(&me, "k", false, Scope::Namespace, &all, TWO),
             Decision::WaitForIdentical { other: "ns/a".into() },
             "the unseen launch is identical and under way"
         );
         assert!(matches!(
-            decide(&view("b", 2), "key-b", false, &all, ONE),
+            decide(&view("b", 2), "key-b", false, Scope::Namespace, &all, ONE),
             Decision::Queued { .. }
         ));
         assert_eq!(expect.pending(), 1, "the cache has not shown the launch yet");
@@ -521,7 +602,10 @@ mod tests {
         let mut expect = Expectations::default();
         expect.released("a");
         let all = expect.overlay(vec![running("a", 1), view("b", 2)]);
-        assert_eq!(decide(&all[0], "key-b", false, &all, ONE), Decision::Launch);
+        assert_eq!(
+            decide(&all[0], "key-b", false, Scope::Namespace, &all, ONE),
+            Decision::Launch
+        );
         assert_eq!(expect.pending(), 1);
         expect.overlay(vec![view("b", 2)]);
         assert_eq!(expect.pending(), 0, "forgotten once the Bake is gone");
@@ -534,6 +618,7 @@ mod tests {
             &me,
             "key-z",
             false,
+            Scope::Namespace,
             &[running("a", 1), view("b", 2), me.clone()],
             TWO,
         );
@@ -541,6 +626,7 @@ mod tests {
             &me,
             "key-z",
             false,
+            Scope::Namespace,
             &[running("a", 1), running("b", 2), view("c", 3), me.clone()],
             TWO,
         );
@@ -548,6 +634,7 @@ mod tests {
             &me,
             "key-z",
             false,
+            Scope::Namespace,
             &[running("c", 3), running("d", 4), me.clone()],
             TWO,
         );

@@ -37,6 +37,9 @@ pub enum Reason {
     /// An object Baker would create for the Bake (its template ConfigMap or its pod) exists and
     /// is not the Bake's own.
     NameConflict,
+    /// The API server refused to create the bake pod or its ConfigMap (a ResourceQuota, Pod
+    /// Security admission, a webhook) as many times as the operator allows.
+    PodRejected,
 }
 
 impl Reason {
@@ -64,6 +67,7 @@ impl Reason {
             Reason::Unschedulable => "Unschedulable",
             Reason::PodStartFailed => "PodStartFailed",
             Reason::NameConflict => "NameConflict",
+            Reason::PodRejected => "PodRejected",
         }
     }
 
@@ -87,7 +91,8 @@ impl Reason {
             | Reason::NamespaceNotAllowed
             | Reason::Unschedulable
             | Reason::PodStartFailed
-            | Reason::NameConflict => BakePhase::Failed,
+            | Reason::NameConflict
+            | Reason::PodRejected => BakePhase::Failed,
         }
     }
 

@@ -18,9 +18,11 @@ use tracing::{info, instrument, warn};
 use super::retention;
 use crate::api::catalog::{Retention, RetentionStatus};
 use crate::api::{AmiCatalog, AmiCatalogStatus, Bake};
-use crate::aws::{Ec2, Ec2Error, ImageSummary, Uses};
+use crate::aws::{Ec2, Ec2Error, ImageSummary};
 use crate::bake::controller::FIELD_MANAGER;
+use crate::config::{OperatorConfig, Scope};
 use crate::error::{Error, Result};
+use crate::usage;
 
 /// Catalogs synced at once.
 const CONCURRENCY: u16 = 4;
@@ -34,6 +36,12 @@ pub struct Context {
     pub ec2: Ec2,
     pub recorder: Recorder,
     pub watch_namespace: Option<String>,
+    /// Whose images retention may remove.
+    pub retention_scope: Scope,
+    /// Most images one sync removes.
+    pub max_removals: usize,
+    /// Most images one sync reads from EC2.
+    pub max_images: usize,
     /// Per catalog UID. In memory only: after a restart every catalog syncs once at start.
     last_sync: Mutex<HashMap<String, LastSync>>,
     /// Catalogs (by UID) a succeeded Bake asked to refresh before their interval.
@@ -48,13 +56,16 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Context {
-    pub fn new(client: Client, ec2: Ec2, watch_namespace: Option<String>) -> Self {
+    pub fn new(client: Client, ec2: Ec2, config: &OperatorConfig) -> Self {
         let recorder = crate::bake::controller::recorder(&client);
         Self {
             client,
             ec2,
             recorder,
-            watch_namespace,
+            watch_namespace: config.watch_namespace.clone(),
+            retention_scope: config.retention_scope,
+            max_removals: config.retention_max_removals,
+            max_images: config.catalog_max_images.max(1),
             last_sync: Mutex::new(HashMap::new()),
             forced: Mutex::new(HashSet::new()),
             bakes: std::sync::OnceLock::new(),
@@ -83,14 +94,29 @@ pub async fn reconcile(catalog: Arc<AmiCatalog>, ctx: Arc<Context>) -> Result<Ac
     }
 
     let spec = &catalog.spec;
-    let mut outcome = ctx
+    let listing = ctx
         .ec2
-        .images(&spec.region, &super::owners(spec), super::filters(spec))
+        .images_capped(
+            &spec.region,
+            &super::owners(spec),
+            super::filters(spec),
+            ctx.max_images,
+        )
         .await;
     lock(&ctx.last_sync).insert(uid, (Instant::now(), generation));
+    let cut = listing.as_ref().is_ok_and(|(_, cut)| *cut);
+    if cut {
+        warn!(
+            max = ctx.max_images,
+            "catalog query matches more images than one sync reads"
+        );
+    }
+    let mut outcome = listing.map(|(images, _)| images);
     let mut retention = catalog.status.as_ref().and_then(|s| s.retention.clone());
-    if let (Some(policy), Ok(images)) = (&spec.retention, &outcome) {
-        match retain(&catalog, &ctx, policy, images).await? {
+    // Retention on a cut listing could misjudge which images are newest: it waits for a query
+    // that fits.
+    if let (Some(policy), Ok(images), false) = (&spec.retention, &outcome, cut) {
+        match retain(&catalog, &ctx, &namespace, policy, images).await? {
             Ok((status, removed)) => {
                 retention = Some(status);
                 if let Ok(images) = &mut outcome {
@@ -112,6 +138,7 @@ pub async fn reconcile(catalog: Arc<AmiCatalog>, ctx: Arc<Context>) -> Result<Ac
         spec,
         generation,
         &outcome,
+        cut.then_some(ctx.max_images),
         &crate::bake::controller::now(),
     );
     next.retention = retention;
@@ -132,43 +159,40 @@ pub async fn reconcile(catalog: Arc<AmiCatalog>, ctx: Arc<Context>) -> Result<Ac
 
 /// Applies the retention policy to the images a sync found: returns the new retention status
 /// and the ids removed, or the EC2 error that stopped it (then nothing more is removed until the
-/// next sync). Removal needs proof that nothing uses an image: every check must succeed first.
+/// next sync). Only images in the operator's retention scope for this namespace are considered,
+/// at most `max_removals` go per sync, and removal needs proof that nothing uses an image.
 async fn retain(
     catalog: &AmiCatalog,
     ctx: &Context,
+    namespace: &str,
     policy: &Retention,
     images: &[ImageSummary],
 ) -> Result<std::result::Result<(RetentionStatus, Vec<String>), Ec2Error>> {
     let previous = catalog.status.as_ref().and_then(|s| s.retention.as_ref());
-    let past = retention::past_policy(images, policy, jiff::Timestamp::now());
+    let scoped = retention::in_scope(images, ctx.retention_scope, namespace);
+    let past = retention::past_policy(&scoped, policy, jiff::Timestamp::now());
     if past.is_empty() {
         return Ok(Ok((
-            retention::next_status(previous, policy.dry_run, &[], Vec::new()),
+            retention::next_status(previous, policy.dry_run, &[], Vec::new(), 0),
             Vec::new(),
         )));
     }
     let region = &catalog.spec.region;
     let ids: Vec<String> = past.iter().map(|i| i.image_id.clone()).collect();
-    let bakes = bake_uses(ctx)?;
-    let checks = async {
-        let bases = ctx.ec2.bases_among(region, &ids).await?;
-        let instances = ctx.ec2.instances_using(region, &ids).await?;
-        let templates = ctx.ec2.launch_template_images(region).await?;
-        Ok::<_, Ec2Error>((bases, instances, templates))
-    };
-    let (bases, instances, templates) = match checks.await {
-        Ok(found) => found,
+    let bakes = ctx.bakes.get().ok_or(Error::CacheNotReady("Bakes"))?.state();
+    let uses = match usage::in_use(&ctx.ec2, region, &ids, usage::bake_uses(&bakes, None)).await {
+        Ok(uses) => uses,
         Err(e) => return Ok(Err(e)),
     };
-    let (remove, protected) = retention::split(past, &[&bakes, &bases, &instances, &templates]);
+    let plan = retention::plan(past, &[&uses], ctx.max_removals);
     if policy.dry_run {
         return Ok(Ok((
-            retention::next_status(previous, true, &remove, protected),
+            retention::next_status(previous, true, &plan.remove, plan.protected, plan.deferred),
             Vec::new(),
         )));
     }
     let mut removed = Vec::new();
-    for image in &remove {
+    for image in &plan.remove {
         if let Err(e) = ctx.ec2.remove_image(region, image).await {
             warn!(image = %image.image_id, error = %e, "removing an image failed");
             return Ok(Err(e));
@@ -195,33 +219,9 @@ async fn retain(
     }
     let ids = removed.iter().map(|i| i.image_id.clone()).collect();
     Ok(Ok((
-        retention::next_status(previous, false, &removed, protected),
+        retention::next_status(previous, false, &removed, plan.protected, plan.deferred),
         ids,
     )))
-}
-
-/// Images Bakes in the operator's scope name: their AMIs, and the sources of Bakes not finished.
-/// Read from the Bake cache; without it (never in `run`) retention removes nothing.
-fn bake_uses(ctx: &Context) -> Result<Uses> {
-    let bakes = ctx.bakes.get().ok_or(Error::CacheNotReady("Bakes"))?.state();
-    let mut uses = Uses::new();
-    for bake in &bakes {
-        let Some(status) = bake.status.as_ref() else {
-            continue;
-        };
-        let who = format!("{}/{}", bake.namespace().unwrap_or_default(), bake.name_any());
-        if let Some(ami) = &status.ami_id {
-            uses.entry(ami.clone())
-                .or_insert_with(|| format!("the amiId of Bake {who}"));
-        }
-        if let Some(source) = &status.source_ami_id
-            && !status.phase.is_some_and(|p| p.is_terminal())
-        {
-            uses.entry(source.clone())
-                .or_insert_with(|| format!("the source of Bake {who}, not finished"));
-        }
-    }
-    Ok(uses)
 }
 
 /// Events are best effort: a failure to record one must not fail the sync. kube's recorder folds

@@ -123,12 +123,14 @@ pub fn condition_reason(code: &str) -> String {
 }
 
 /// The status after a sync. A failed sync keeps the images last read (they are still the best
-/// knowledge) and says why in `Ready`.
+/// knowledge) and says why in `Ready`. `cut_at` is set when the query matched more images than
+/// one sync reads: the message says so.
 pub fn next_status(
     previous: Option<&AmiCatalogStatus>,
     spec: &AmiCatalogSpec,
     generation: Option<i64>,
     outcome: &Result<Vec<ImageSummary>, Ec2Error>,
+    cut_at: Option<usize>,
     now: &Time,
 ) -> AmiCatalogStatus {
     let prev = previous.cloned().unwrap_or_default();
@@ -139,10 +141,15 @@ pub fn next_status(
                 .iter()
                 .find(|i| i.state.as_deref() == Some("available"))
                 .cloned();
-            let message = match &latest {
+            let mut message = match &latest {
                 Some(l) => format!("{} image(s) listed; the latest is {}", images.len(), l.image_id),
                 None => "no available image matches".to_string(),
             };
+            if let Some(max) = cut_at {
+                message.push_str(&format!(
+                    "; the query matches more than the {max} images one sync reads, so the list may miss newer ones and retention is paused: narrow it with namePattern or tags"
+                ));
+            }
             let count = i32::try_from(images.len()).unwrap_or(i32::MAX);
             let next = AmiCatalogStatus {
                 images,
@@ -369,6 +376,7 @@ mod tests {
                 image("ami-old", 1, "available"),
                 image("ami-new", 2, "pending"),
             ]),
+            None,
             &t(10),
         );
         assert_eq!(out.images.len(), 2);
@@ -387,6 +395,7 @@ mod tests {
             &spec(),
             Some(1),
             &Ok(vec![image("ami-1", 1, "available")]),
+            None,
             &t(10),
         );
         let err = Ec2Error {
@@ -394,7 +403,7 @@ mod tests {
             code: "Unreachable".into(),
             message: "cannot connect to the EC2 endpoint".into(),
         };
-        let failed = next_status(Some(&ok), &spec(), Some(1), &Err(err), &t(20));
+        let failed = next_status(Some(&ok), &spec(), Some(1), &Err(err), None, &t(20));
         assert_eq!(failed.images, ok.images);
         assert_eq!(failed.last_sync_time, Some(t(10)));
         let ready = conditions::find(&failed.conditions, READY)
@@ -410,10 +419,24 @@ mod tests {
     }
 
     #[test]
+    fn a_listing_cut_at_the_sync_limit_says_so_in_ready() {
+        let out = next_status(
+            None,
+            &spec(),
+            Some(1),
+            &Ok(vec![image("ami-1", 1, "available")]),
+            Some(2000),
+            &t(10),
+        );
+        let ready = conditions::find(&out.conditions, READY).map(|c| c.message.clone());
+        assert!(ready.is_some_and(|m| m.contains("more than the 2000 images")));
+    }
+
+    #[test]
     fn an_unchanged_sync_is_not_written() {
         let images = vec![image("ami-1", 1, "available")];
-        let first = next_status(None, &spec(), Some(1), &Ok(images.clone()), &t(10));
-        let second = next_status(Some(&first), &spec(), Some(1), &Ok(images), &t(400));
+        let first = next_status(None, &spec(), Some(1), &Ok(images.clone()), None, &t(10));
+        let second = next_status(Some(&first), &spec(), Some(1), &Ok(images), None, &t(400));
         assert!(!changed(Some(&first), &second));
         assert!(changed(None, &first));
         let third = next_status(
@@ -424,6 +447,7 @@ mod tests {
                 image("ami-1", 1, "available"),
                 image("ami-2", 2, "available"),
             ]),
+            None,
             &t(800),
         );
         assert!(changed(Some(&first), &third));
@@ -443,6 +467,7 @@ mod tests {
                 image("ami-hvm", 3, "available"),
                 para,
             ]),
+            None,
             &t(1),
         );
         assert_eq!(
@@ -456,6 +481,7 @@ mod tests {
             &spec(),
             Some(1),
             &Ok(vec![image("ami-p", 1, "pending")]),
+            None,
             &t(1),
         );
         assert_eq!(source_image(Some(&pending), "hvm"), None);

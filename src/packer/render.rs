@@ -138,6 +138,7 @@ fn tags(input: &RenderInput<'_>, with_source: bool) -> Map<String, Value> {
         keys::BAKE.into(),
         format!("{}/{}", user("bake_namespace"), user("bake_name")),
     );
+    tags.insert(keys::NAMESPACE.into(), user("bake_namespace"));
     tags.insert(keys::SERVICE.into(), user("service"));
     tags.insert(keys::VERSION.into(), user("version"));
     tags.insert(keys::TEMPLATE.into(), user("template"));

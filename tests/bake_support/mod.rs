@@ -10,7 +10,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use baker::api::{Bake, BakePhase, BakeTemplate};
+use aws_sdk_ec2::types::Tag;
+use baker::api::catalog::AmiCatalogStatus;
+use baker::api::{AmiCatalog, Bake, BakePhase, BakeTemplate};
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{Container, Pod, Secret};
 use kube::api::{Api, Patch, PatchParams, PostParams};
@@ -98,6 +100,12 @@ impl Operator {
         Self::start_as(rig, "op", namespace, &rig.kubeconfig_path(), args, env).await
     }
 
+    /// Starts `baker run` for every namespace, as a cluster-wide install runs. Only one test at a
+    /// time may run one: it acts on every test's Bakes.
+    pub async fn start_cluster_wide(rig: &Rig, args: &[&str], env: &[(&str, &str)]) -> Result<Operator> {
+        Self::start_as(rig, "op", "", &rig.kubeconfig_path(), args, env).await
+    }
+
     /// Starts `baker run` named `name` (its `POD_NAME`) for `namespace` with the given
     /// kubeconfig, serving HTTP on a free port.
     pub async fn start_as(
@@ -109,15 +117,11 @@ impl Operator {
         env: &[(&str, &str)],
     ) -> Result<Operator> {
         let http = format!("127.0.0.1:{}", free_port().await?);
-        let mut full = vec![
-            "run",
-            "--log-format",
-            "text",
-            "--namespace",
-            namespace,
-            "--http-addr",
-            &http,
-        ];
+        let mut full = vec!["run", "--log-format", "text", "--http-addr", &http];
+        // No namespace: every namespace.
+        if !namespace.is_empty() {
+            full.extend(["--namespace", namespace]);
+        }
         full.extend_from_slice(args);
         let mut vars: Vec<(String, String)> = vec![
             ("RUST_LOG".into(), "info,baker=debug,kube=warn".into()),
@@ -136,7 +140,14 @@ impl Operator {
         vars.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         Self::spawn(
             rig,
-            &format!("{namespace}-{name}"),
+            &format!(
+                "{}-{name}",
+                if namespace.is_empty() {
+                    "cluster"
+                } else {
+                    namespace
+                }
+            ),
             &full,
             vars,
             kubeconfig,
@@ -560,6 +571,45 @@ pub async fn namespace_without_credentials(
     Ok((ns, template))
 }
 
+/// A namespace with the credentials Secret and a rig BakeTemplate `<namespace>-t` with `extra`
+/// spec lines (see [`rig_template`]).
+pub async fn namespace_with_template(
+    rig: &Rig,
+    client: &Client,
+    prefix: &str,
+    extra: &str,
+) -> Result<(TestNamespace, String)> {
+    let ns = namespace(rig, client, prefix).await?;
+    let template = format!("{}-t", ns.name());
+    apply_template(client, &rig_template(&template, extra)).await?;
+    Ok((ns, template))
+}
+
+/// Waits until the Bake's status message satisfies `want` (failing when it stops changing for
+/// `stall`), and returns it.
+pub async fn wait_for_message(
+    api: &Api<Bake>,
+    name: &str,
+    stall: Duration,
+    what: &str,
+    want: impl Fn(&str) -> bool,
+) -> Result<String> {
+    wait_progressing(stall, what, || async {
+        let bake = api.get(name).await?;
+        let message = bake
+            .status
+            .as_ref()
+            .and_then(|s| s.message.clone())
+            .unwrap_or_default();
+        Ok(if want(&message) {
+            Seen::Done(message)
+        } else {
+            Seen::Waiting { state: message }
+        })
+    })
+    .await
+}
+
 /// Sets up a namespace with the credentials Secret, after installing the CRDs.
 pub async fn namespace(rig: &Rig, client: &Client, prefix: &str) -> Result<TestNamespace> {
     install_crds(rig).await?;
@@ -635,4 +685,58 @@ impl Drop for PodWatch {
     fn drop(&mut self) {
         self.task.abort();
     }
+}
+
+/// Registers `count` images named `<prefix>-<i>` in moto and tags them all at once.
+pub async fn register_images(
+    ec2: &aws_sdk_ec2::Client,
+    prefix: &str,
+    count: usize,
+    tags: &[(&str, &str)],
+) -> Result<Vec<String>> {
+    let mut ids = Vec::with_capacity(count);
+    for i in 0..count {
+        let out = ec2
+            .register_image()
+            .name(format!("{prefix}-{i:03}"))
+            .root_device_name("/dev/xvda")
+            .send()
+            .await
+            .with_context(|| format!("registering {prefix}-{i:03}"))?;
+        ids.push(out.image_id().unwrap_or_default().to_string());
+    }
+    let mut request = ec2.create_tags().set_resources(Some(ids.clone()));
+    for (k, v) in tags {
+        request = request.tags(Tag::builder().key(*k).value(*v).build());
+    }
+    request.send().await.context("tagging images")?;
+    Ok(ids)
+}
+
+pub async fn apply_catalog(api: &Api<AmiCatalog>, yaml: &str) -> Result<AmiCatalog> {
+    let catalog: AmiCatalog = serde_yaml::from_str(yaml)?;
+    Ok(api
+        .patch(
+            &catalog.name_any(),
+            &PatchParams::apply("baker-tests").force(),
+            &Patch::Apply(&catalog),
+        )
+        .await?)
+}
+
+/// Waits until the catalog's status satisfies `cond`.
+pub async fn wait_catalog(
+    api: &Api<AmiCatalog>,
+    name: &str,
+    timeout: Duration,
+    what: &str,
+    cond: impl Fn(&AmiCatalogStatus) -> bool,
+) -> Result<AmiCatalog> {
+    try_wait_until(timeout, what, || async {
+        Ok(api
+            .get_opt(name)
+            .await?
+            .filter(|c| c.status.as_ref().is_some_and(&cond)))
+    })
+    .await
 }
