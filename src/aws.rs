@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use aws_sdk_ec2::error::ProvideErrorMetadata;
 use aws_sdk_ec2::types::{Filter, Image};
@@ -177,6 +178,16 @@ impl Ec2 {
             .or_insert_with(|| {
                 let config = aws_sdk_ec2::config::Builder::from(&self.base)
                     .region(aws_sdk_ec2::config::Region::new(region.to_string()))
+                    // Every EC2 call ends in bounded time: a connection that stops answering is
+                    // abandoned and the call retried (within the operation's bound) on a new one,
+                    // instead of holding a reconcile forever.
+                    .timeout_config(
+                        aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
+                            .connect_timeout(Duration::from_secs(5))
+                            .operation_attempt_timeout(Duration::from_secs(20))
+                            .operation_timeout(Duration::from_secs(60))
+                            .build(),
+                    )
                     .interceptor(CallMetrics)
                     .build();
                 aws_sdk_ec2::Client::from_conf(config)

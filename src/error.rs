@@ -40,6 +40,11 @@ pub enum Error {
     #[error("stopping the bake pod failed: {0}")]
     DeletePod(#[source] kube::Error),
 
+    /// The name is held by the child of a deleted Bake of the same name that garbage collection
+    /// has not removed yet.
+    #[error("{kind} {name} still belongs to a deleted Bake of the same name; waiting for garbage collection")]
+    ChildOfPreviousBake { kind: &'static str, name: String },
+
     #[error(transparent)]
     Ec2(#[from] Ec2Error),
 }
@@ -59,7 +64,8 @@ impl Error {
             | Error::PatchFinalizers(_)
             | Error::Conflict(_)
             | Error::PatchCatalogStatus(_)
-            | Error::DeletePod(_) => "kube_write",
+            | Error::DeletePod(_)
+            | Error::ChildOfPreviousBake { .. } => "kube_write",
             Error::Ec2(_) => "ec2",
         }
     }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -595,25 +595,56 @@ async fn create_children(b: &BakeRef<'_>, ctx: &Context, p: &Prepared) -> Result
     };
     // The content must match too: a ConfigMap is editable by anyone who may edit the namespace's.
     let same_data = |existing: &ConfigMap| existing.data == config_map.data;
-    let created = create_owned(&config_maps, &config_map, &b.uid, same_data).await;
+    let created = create_owned(&config_maps, &config_map, &pod_input.owner, same_data).await;
     match refused(b, ctx, "ConfigMap", created).await {
         Ok(Created::Ours) => {}
         Ok(Created::Foreign) => return Ok(Some(conflict("ConfigMap", config_map.name_any()))),
+        Ok(Created::Previous) => return previous_child(b, ctx, "ConfigMap", config_map.name_any()),
         Err(Refusal::Final(t)) => return Ok(Some(t)),
         Err(Refusal::Retry(e)) => return Err(Error::CreateConfigMap(e)),
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &b.namespace);
     let bake_pod = pod::bake_pod(&pod_input);
-    let created = create_owned(&pods, &bake_pod, &b.uid, |_| true).await;
+    let created = create_owned(&pods, &bake_pod, &pod_input.owner, |_| true).await;
     match refused(b, ctx, "Pod", created).await {
         Ok(Created::Ours) => {}
         Ok(Created::Foreign) => return Ok(Some(conflict("Pod", bake_pod.name_any()))),
+        Ok(Created::Previous) => return previous_child(b, ctx, "Pod", bake_pod.name_any()),
         Err(Refusal::Final(t)) => return Ok(Some(t)),
         Err(Refusal::Retry(e)) => return Err(Error::CreatePod(e)),
     }
     locked(&ctx.rejections).remove(&b.uid);
     locked(&ctx.created).insert(b.uid.clone(), Instant::now());
     Ok(None)
+}
+
+/// A child of a deleted Bake of the same name holds the name: retried (garbage collection
+/// removes it within seconds) as often as a refusal, then the Bake fails with `NameConflict`.
+fn previous_child(
+    b: &BakeRef<'_>,
+    ctx: &Context,
+    kind: &'static str,
+    name: String,
+) -> Result<Option<Transition>> {
+    let (attempt, attempts) = count_attempt(b, ctx);
+    if attempt < attempts {
+        return Err(Error::ChildOfPreviousBake { kind, name });
+    }
+    locked(&ctx.rejections).remove(&b.uid);
+    Ok(Some(Transition::new(
+        Reason::NameConflict,
+        format!(
+            "{kind} {name} still belongs to a deleted Bake of the same name and was not removed by garbage collection; delete it, or create the Bake under another name"
+        ),
+    )))
+}
+
+/// Counts one more failed attempt at a Bake's children: (this attempt, the limit).
+fn count_attempt(b: &BakeRef<'_>, ctx: &Context) -> (u32, u32) {
+    let mut rejections = locked(&ctx.rejections);
+    let n = rejections.entry(b.uid.clone()).or_insert(0);
+    *n += 1;
+    (*n, ctx.config.pod_create_attempts.max(1))
 }
 
 /// Why a child was not created.
@@ -645,13 +676,7 @@ async fn refused(
         }
         _ => return Err(Refusal::Retry(e)),
     };
-    let attempts = ctx.config.pod_create_attempts.max(1);
-    let attempt = {
-        let mut rejections = locked(&ctx.rejections);
-        let n = rejections.entry(b.uid.clone()).or_insert(0);
-        *n += 1;
-        *n
-    };
+    let (attempt, attempts) = count_attempt(b, ctx);
     let text = status::truncate(&message, 600);
     if attempt < attempts {
         warn!(kind, attempt, error = %text, "the API server refused a child of the Bake; retrying");
@@ -704,17 +729,20 @@ async fn reuse(
 enum Created {
     /// Created now, or it already existed and is the Bake's own.
     Ours,
+    /// It is the child of an earlier Bake of the same name (deleted and recreated), which garbage
+    /// collection has not removed yet.
+    Previous,
     /// An object of that name exists and is not controlled by this Bake.
     Foreign,
 }
 
-/// Creates `object` unless it exists. An existing one counts only if this Bake (`uid`) controls
+/// Creates `object` unless it exists. An existing one counts only if this Bake (`owner`) controls
 /// it and `same` holds for it; otherwise someone else owns the name, and Baker never runs what it
 /// did not write.
 async fn create_owned<K>(
     api: &Api<K>,
     object: &K,
-    uid: &str,
+    owner: &OwnerReference,
     same: impl Fn(&K) -> bool,
 ) -> std::result::Result<Created, kube::Error>
 where
@@ -728,15 +756,23 @@ where
         Ok(_) => Ok(Created::Ours),
         Err(kube::Error::Api(status)) if status.code == 409 => {
             let existing = api.get_opt(&object.name_any()).await?;
-            let ours = existing.as_ref().is_some_and(|e| {
+            let controller = existing.as_ref().and_then(|e| {
                 e.meta()
                     .owner_references
                     .iter()
                     .flatten()
-                    .any(|o| o.controller == Some(true) && o.uid == uid)
-                    && same(e)
+                    .find(|o| o.controller == Some(true))
+                    .cloned()
             });
-            Ok(if ours { Created::Ours } else { Created::Foreign })
+            Ok(match (existing, controller) {
+                (Some(e), Some(c)) if c.uid == owner.uid && same(&e) => Created::Ours,
+                (Some(_), Some(c)) if c.uid != owner.uid && c.kind == owner.kind && c.name == owner.name => {
+                    Created::Previous
+                }
+                // Gone since the conflict: the next attempt creates it.
+                (None, _) => Created::Previous,
+                _ => Created::Foreign,
+            })
         }
         Err(e) => Err(e),
     }
@@ -1054,9 +1090,12 @@ async fn write_if_changed(
 
 async fn write_status(b: &BakeRef<'_>, ctx: &Context, status: &BakeStatus) -> Result<()> {
     let api: Api<Bake> = Api::namespaced(ctx.client.clone(), &b.namespace);
+    // The UID makes the write a precondition: a Bake deleted and recreated under the same name
+    // while this reconcile ran must never get the old one's status.
     let patch = json!({
         "apiVersion": Bake::api_version(&()),
         "kind": Bake::kind(&()),
+        "metadata": { "uid": b.uid },
         "status": status,
     });
     api.patch_status(
@@ -1065,8 +1104,19 @@ async fn write_status(b: &BakeRef<'_>, ctx: &Context, status: &BakeStatus) -> Re
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(Error::PatchStatus)?;
+    .map_err(|e| uid_conflict(e, "Bake status").unwrap_or_else(Error::PatchStatus))?;
     Ok(())
+}
+
+/// A write refused because the object of that name is another incarnation (its UID is not the
+/// one in the patch): a conflict, not a failure; the next reconcile sees the new object.
+pub(crate) fn uid_conflict(e: kube::Error, what: &'static str) -> std::result::Result<Error, kube::Error> {
+    match e {
+        kube::Error::Api(s) if (s.code == 422 || s.code == 409) && s.message.contains("metadata.uid") => {
+            Ok(Error::Conflict(what))
+        }
+        e => Err(e),
+    }
 }
 
 /// Events are best effort: a failure to record one must not fail the bake.

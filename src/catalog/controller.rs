@@ -143,7 +143,7 @@ pub async fn reconcile(catalog: Arc<AmiCatalog>, ctx: Arc<Context>) -> Result<Ac
     );
     next.retention = retention;
     if super::changed(previous, &next) {
-        write_status(&ctx.client, &namespace, &catalog.name_any(), &next).await?;
+        write_status(&ctx.client, &catalog, &next).await?;
         info!(
             count = next.count.unwrap_or_default(),
             latest = next.latest.as_ref().map(|l| l.image_id.as_str()).unwrap_or(""),
@@ -240,20 +240,25 @@ async fn publish(catalog: &AmiCatalog, ctx: &Context, reason: &str, action: Stri
     }
 }
 
-async fn write_status(client: &Client, namespace: &str, name: &str, status: &AmiCatalogStatus) -> Result<()> {
-    let api: Api<AmiCatalog> = Api::namespaced(client.clone(), namespace);
+async fn write_status(client: &Client, catalog: &AmiCatalog, status: &AmiCatalogStatus) -> Result<()> {
+    let api: Api<AmiCatalog> = Api::namespaced(client.clone(), &catalog.namespace().unwrap_or_default());
+    // The UID guards against writing onto a catalog recreated under the same name meanwhile.
     let patch = json!({
         "apiVersion": AmiCatalog::api_version(&()),
         "kind": AmiCatalog::kind(&()),
+        "metadata": { "uid": catalog.uid() },
         "status": status,
     });
     api.patch_status(
-        name,
+        &catalog.name_any(),
         &PatchParams::apply(FIELD_MANAGER).force(),
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(Error::PatchCatalogStatus)?;
+    .map_err(|e| {
+        crate::bake::controller::uid_conflict(e, "AmiCatalog status")
+            .unwrap_or_else(Error::PatchCatalogStatus)
+    })?;
     Ok(())
 }
 
