@@ -9,13 +9,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::stream::BoxStream;
-use futures::{StreamExt, future};
+use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
-use tracing::error;
 
 use crate::api::{Bake, BakeTemplate, keys};
 use crate::http::Health;
@@ -26,12 +25,19 @@ use crate::http::Health;
 const SUBSCRIBER_BUFFER: usize = 1024;
 
 /// One shared list-and-watch of `K`. Subscribe every consumer first, then [`Shared::run`] it.
+///
+/// Subscribers get the objects of the watch events themselves, over a bounded channel each. kube's
+/// own shared-store subscription hands out object references and looks each one up in the store
+/// when it is polled; an object deleted in between (a bake pod removed right after its last
+/// update) makes that subscription return `Pending` without a waker, and the controller never
+/// polls it again: every later pod event was lost until a restart.
 pub struct Shared<K>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
     reader: Store<K>,
     writer: Writer<K>,
+    subscribers: std::sync::Mutex<Vec<futures::channel::mpsc::Sender<Arc<K>>>>,
 }
 
 impl<K> Default for Shared<K>
@@ -39,8 +45,12 @@ where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
     fn default() -> Self {
-        let (reader, writer) = reflector::store_shared(SUBSCRIBER_BUFFER);
-        Self { reader, writer }
+        let (reader, writer) = reflector::store();
+        Self {
+            reader,
+            writer,
+            subscribers: std::sync::Mutex::new(Vec::new()),
+        }
     }
 }
 
@@ -56,21 +66,26 @@ where
     /// Every object the watch applies (created, changed, or listed at a (re)start). Deletions are
     /// not delivered.
     pub fn subscribe(&self) -> BoxStream<'static, Arc<K>> {
-        match self.writer.subscribe() {
-            Some(handle) => handle.boxed(),
-            // A store made by `store_shared` always has subscribers; never reached.
-            None => {
-                error!(kind = %K::kind(&()), "a shared store cannot be subscribed to");
-                futures::stream::empty().boxed()
-            }
-        }
+        let (tx, rx) = futures::channel::mpsc::channel(SUBSCRIBER_BUFFER);
+        self.subscribers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .push(tx);
+        rx.boxed()
     }
 
     /// Lists and watches through `api` until dropped; calls `synced` once, when the first list
     /// is in the cache. `lag` delays every event (a failpoint for tests).
     pub async fn run(self, api: Api<K>, config: watcher::Config, lag: Option<Duration>, synced: impl Fn()) {
+        let mut subscribers = std::mem::take(
+            &mut *self
+                .subscribers
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()),
+        );
+        let reader = self.reader.clone();
         let mut first = true;
-        watcher(api, config)
+        let events = watcher(api, config)
             .default_backoff()
             .then(move |event| async move {
                 if let Some(lag) = lag {
@@ -78,15 +93,28 @@ where
                 }
                 event
             })
-            .reflect_shared(self.writer)
-            .for_each(move |event| {
-                if first && matches!(event, Ok(watcher::Event::InitDone)) {
-                    first = false;
-                    synced();
+            .reflect(self.writer);
+        futures::pin_mut!(events);
+        while let Some(event) = events.next().await {
+            let objects: Vec<Arc<K>> = match event {
+                Ok(watcher::Event::Apply(obj)) => vec![Arc::new(obj)],
+                // A (re)list is complete: every object is delivered once, as the cache has it.
+                Ok(watcher::Event::InitDone) => {
+                    if first {
+                        first = false;
+                        synced();
+                    }
+                    reader.state()
                 }
-                future::ready(())
-            })
-            .await;
+                _ => Vec::new(),
+            };
+            for obj in objects {
+                for tx in &mut subscribers {
+                    // A subscriber that is gone (its controller stopped) is no reason to stop.
+                    let _ = tx.send(obj.clone()).await;
+                }
+            }
+        }
     }
 }
 
