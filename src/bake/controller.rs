@@ -177,6 +177,8 @@ pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
                 if let Some(uid) = bake.uid() {
                     locked(&ctx.expectations).released(&uid);
                     locked(&ctx.created).remove(&uid);
+                    // A Bake deleted while its children were being refused: forget the count.
+                    locked(&ctx.rejections).remove(&uid);
                 }
                 ctx.wake_all(queue::wake_on_end(&bake, &ctx.stores.bakes.state()));
                 Ok(Action::await_change())
