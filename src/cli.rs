@@ -166,12 +166,7 @@ pub fn render_from_files(
         default_ec2_endpoint: ec2_endpoint,
         bake_key: "",
     };
-    let key = crate::bake::key::bake_key(&input, DRY_RUN_IMAGE);
-    let input = RenderInput {
-        bake_key: &key,
-        ..input
-    };
-    Ok(packer::render_string(&input)?)
+    Ok(crate::bake::key::render_keyed(&input, DRY_RUN_IMAGE)?.rendered)
 }
 
 fn init_tracing(format: LogFormat) {

@@ -8,8 +8,9 @@ pub enum Error {
     #[error("the object has no {0}")]
     MissingField(&'static str),
 
-    #[error("reading the source AmiCatalog failed: {0}")]
-    GetCatalog(#[source] kube::Error),
+    /// The launch decision kept asking for facts; a bug, reported rather than looped on.
+    #[error("the launch decision asked for more facts than a reconcile gathers")]
+    Undecided,
 
     #[error("reading the Bake failed: {0}")]
     GetBake(#[source] kube::Error),
@@ -56,8 +57,8 @@ impl Error {
     /// A short, bounded label for metrics and logs.
     pub fn category(&self) -> &'static str {
         match self {
-            Error::MissingField(_) => "invalid_object",
-            Error::GetCatalog(_) | Error::GetBake(_) | Error::CacheNotReady(_) => "kube_read",
+            Error::MissingField(_) | Error::Undecided => "invalid_object",
+            Error::GetBake(_) | Error::CacheNotReady(_) => "kube_read",
             Error::CreateConfigMap(_)
             | Error::CreatePod(_)
             | Error::PatchStatus(_)

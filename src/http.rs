@@ -96,6 +96,11 @@ impl Health {
         is_ready(self.synced(), self.role())
     }
 
+    /// The AmiCatalog cache, once the caches run (complete once [`Health::synced`]).
+    pub fn catalogs(&self) -> Option<&Store<AmiCatalog>> {
+        self.catalogs.get()
+    }
+
     /// The Bakes of the controller's cache, once synced.
     pub fn bakes(&self) -> Option<&Store<Bake>> {
         self.bakes.get()

@@ -175,12 +175,16 @@ pub async fn run(
     let mut ctx = Context::new(client.clone(), ec2, config, caches.stores());
     ctx.health = health.clone();
     let ctx = Arc::new(ctx);
+    // The caches fill from the start, on a standby too: one that takes over has them warm.
+    let cached = caches.run(client.clone(), watch_namespace.as_deref(), health.clone());
+    tokio::pin!(cached, server_failed);
 
     if !serve.leader_election {
         health.set_role(Role::Single);
         return tokio::select! {
-            _ = run_controllers(ctx, catalogs, caches) => Ok(()),
-            e = server_failed => Err(e),
+            _ = run_controllers(ctx, catalogs, &caches) => Ok(()),
+            _ = &mut cached => Ok(()),
+            e = &mut server_failed => Err(e),
         };
     }
 
@@ -188,7 +192,7 @@ pub async fn run(
         .leader_election_namespace
         .clone()
         .or_else(|| std::env::var("POD_NAMESPACE").ok().filter(|s| !s.is_empty()))
-        .or(watch_namespace)
+        .or_else(|| watch_namespace.clone())
         .unwrap_or_else(|| "default".into());
     let mut elector = LeaderElector::new(
         client,
@@ -199,15 +203,15 @@ pub async fn run(
     );
     health.set_role(Role::Undecided);
     info!(lease = %serve.leader_election_name, namespace = %namespace, identity = %elector.identity(), "leader election on");
-    tokio::pin!(server_failed);
     tokio::select! {
         _ = elector.acquire(&health) => {}
         _ = shutdown_signal() => return Ok(()),
+        _ = &mut cached => return Ok(()),
         e = &mut server_failed => return Err(e),
     }
     info!(identity = %elector.identity(), "leading: starting the controllers");
     tokio::select! {
-        _ = run_controllers(ctx, catalogs, caches) => {
+        _ = run_controllers(ctx, catalogs, &caches) => {
             elector.release().await;
             Ok(())
         }
@@ -215,29 +219,19 @@ pub async fn run(
             error!(error = %lost, "stopping: lost the leader lease");
             Err(lost.into())
         }
+        _ = &mut cached => Ok(()),
         e = &mut server_failed => Err(e),
     }
 }
 
-/// Both controllers in one process, on the process's shared caches; each stops on the shutdown
-/// signal, and the watches with them.
+/// Both controllers in one process, on the process's shared caches (already running, or about
+/// to); each stops on the shutdown signal.
 async fn run_controllers(
     bakes: Arc<Context>,
     catalogs: Arc<crate::catalog::controller::Context>,
-    caches: Caches,
+    caches: &Caches,
 ) {
-    let health = bakes.health.clone();
-    // Every consumer subscribes before the watches start, so none misses the first list.
-    let bake_controller = controller::run(bakes.clone(), &caches);
-    let catalog_controller = crate::catalog::controller::run(
-        catalogs,
-        health.clone(),
-        caches.bakes.subscribe(),
-        caches.bakes.store(),
-    );
-    let namespace = bakes.config.watch_namespace.clone();
-    tokio::select! {
-        _ = caches.run(bakes.client.clone(), namespace.as_deref(), health) => {}
-        _ = async { tokio::join!(bake_controller, catalog_controller) } => {}
-    }
+    let bake_controller = controller::run(bakes, caches);
+    let catalog_controller = crate::catalog::controller::run(catalogs, caches);
+    tokio::join!(bake_controller, catalog_controller);
 }

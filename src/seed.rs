@@ -176,7 +176,11 @@ pub fn authorized(header: Option<&str>, token: &str) -> bool {
 }
 
 /// The newest `n` images of a service across catalogs, without duplicates.
-pub fn service_images(catalogs: &[AmiCatalog], service: &str, n: usize) -> Vec<CatalogImage> {
+pub fn service_images<C: std::ops::Deref<Target = AmiCatalog>>(
+    catalogs: &[C],
+    service: &str,
+    n: usize,
+) -> Vec<CatalogImage> {
     let mut seen = std::collections::BTreeSet::new();
     let mut images: Vec<CatalogImage> = catalogs
         .iter()
@@ -230,16 +234,20 @@ async fn status(State(s): State<Arc<SeedState>>) -> Response {
     axum::Json(body).into_response()
 }
 
-async fn catalogs(client: &Client) -> Result<Vec<AmiCatalog>, ApiError> {
-    let api: Api<AmiCatalog> = Api::all(client.clone());
-    api.list(&Default::default())
-        .await
-        .map(|l| l.items)
-        .map_err(|e| ApiError::internal(format!("listing AmiCatalogs failed: {e}")))
+/// The catalogs of the operator's cache (no request per call); unavailable until it has synced.
+fn catalogs(health: &Health) -> Result<Vec<Arc<AmiCatalog>>, ApiError> {
+    match health.catalogs() {
+        Some(store) if health.synced() => Ok(store.state()),
+        _ => Err(ApiError {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            field: None,
+            message: "the operator's caches have not synced yet; retry in a moment".into(),
+        }),
+    }
 }
 
 async fn amis(State(s): State<Arc<SeedState>>) -> Result<Response, ApiError> {
-    let catalogs = catalogs(&s.client).await?;
+    let catalogs = catalogs(&s.health)?;
     let latest: Vec<_> = catalogs
         .iter()
         .map(|c| {
@@ -263,7 +271,7 @@ async fn amis_for_service(
             "service must be a DNS-1123 label: lowercase letters, digits and '-'",
         ));
     }
-    let catalogs = catalogs(&s.client).await?;
+    let catalogs = catalogs(&s.health)?;
     let images = service_images(&catalogs, &service, SERVICE_IMAGES);
     Ok(axum::Json(json!({ "service": service, "images": images })).into_response())
 }
@@ -522,11 +530,11 @@ mod tests {
                 ("ami-2", "2026-03-01T00:00:00Z", None),
             ],
         );
-        let ids: Vec<_> = service_images(&[a.clone(), b.clone()], "svc", 10)
+        let ids: Vec<_> = service_images(&[Arc::new(a.clone()), Arc::new(b.clone())], "svc", 10)
             .into_iter()
             .map(|i| i.image_id)
             .collect();
         assert_eq!(ids, ["ami-2", "ami-3", "ami-1"]);
-        assert_eq!(service_images(&[a, b], "svc", 2).len(), 2);
+        assert_eq!(service_images(&[Arc::new(a), Arc::new(b)], "svc", 2).len(), 2);
     }
 }

@@ -212,7 +212,7 @@ async fn restart_with_300_finished_bakes_writes_nothing_and_lists_each_kind_once
 
     other_namespaces_gone(&client, ns.name()).await?;
     let before = writes(rig).await?;
-    let lists_before = requests(rig, &["LIST"], &["bakes", "pods", "baketemplates"]).await?;
+    let lists_before = requests(rig, &["LIST"], &["bakes", "pods", "baketemplates", "amicatalogs"]).await?;
     let bake_lists_before = requests(rig, &["LIST"], &["bakes"]).await?;
     let started = Instant::now();
     let restarted = Operator::start(rig, ns.name()).await?;
@@ -241,10 +241,11 @@ async fn restart_with_300_finished_bakes_writes_nothing_and_lists_each_kind_once
     .await?;
     let ready = started.elapsed();
     let after = writes(rig).await?;
-    let lists = requests(rig, &["LIST"], &["bakes", "pods", "baketemplates"]).await? - lists_before;
+    let lists =
+        requests(rig, &["LIST"], &["bakes", "pods", "baketemplates", "amicatalogs"]).await? - lists_before;
     let bake_lists = requests(rig, &["LIST"], &["bakes"]).await? - bake_lists_before;
     eprintln!(
-        "restarted operator reviewed {BAKES} finished Bakes in {ready:.2?} with {} writes, {bake_lists} LIST of Bakes and {lists} LISTs in all (Bakes, pods, BakeTemplates)",
+        "restarted operator reviewed {BAKES} finished Bakes in {ready:.2?} with {} writes, {bake_lists} LIST of Bakes and {lists} LISTs in all (Bakes, pods, BakeTemplates, AmiCatalogs)",
         after - before
     );
     // One shared watch per kind serves both controllers, readiness and metrics.
@@ -253,8 +254,8 @@ async fn restart_with_300_finished_bakes_writes_nothing_and_lists_each_kind_once
         "the restarted operator listed Bakes {bake_lists} times"
     );
     assert_eq!(
-        lists, 3,
-        "one LIST each of Bakes, pods and BakeTemplates, not {lists}"
+        lists, 4,
+        "one LIST each of Bakes, pods, BakeTemplates and AmiCatalogs, not {lists}"
     );
     assert_eq!(
         after, before,

@@ -20,18 +20,18 @@ use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
-use super::key;
+use super::launch;
 use super::pod::{self, PodInput};
-use super::queue::{self, Decision, Expectations};
+use super::queue::{self, Expectations};
 use super::status::{self, PodOutcome, Reason, Transition};
 use super::watch::{Caches, Stores};
 use crate::api::bake::ReusedImage;
-use crate::api::{AmiCatalog, Bake, BakeStatus, BakeTemplate, keys};
+use crate::api::{Bake, BakeStatus, BakeTemplate, keys};
 use crate::aws::Ec2;
 use crate::config::OperatorConfig;
 use crate::error::{Error, Result};
 use crate::failpoint;
-use crate::packer::{self, BakeIdentity, RenderInput, ResolvedSource};
+use crate::packer;
 
 /// The field manager of every write Baker makes.
 pub const FIELD_MANAGER: &str = "baker";
@@ -63,6 +63,9 @@ pub struct Context {
     created: Mutex<HashMap<String, Instant>>,
     /// Refusals of a Bake's children by the API server so far, per Bake UID.
     rejections: Mutex<HashMap<String, u32>>,
+    /// Bakes (by UID) last seen unfinished: only their end frees a slot. A finished Bake listed
+    /// again at a relist wakes nothing, so a relist costs one pass over the cache, not one per Bake.
+    unfinished: Mutex<std::collections::HashSet<String>>,
     /// Bakes to reconcile now, for wake-ups the watch cannot deliver (a deleted Bake's slot).
     wake: futures::channel::mpsc::UnboundedSender<ObjectRef<Bake>>,
     woken: Mutex<Option<futures::channel::mpsc::UnboundedReceiver<ObjectRef<Bake>>>>,
@@ -99,20 +102,27 @@ impl Context {
             expectations: Mutex::new(Expectations::default()),
             created: Mutex::new(HashMap::new()),
             rejections: Mutex::new(HashMap::new()),
+            unfinished: Mutex::new(std::collections::HashSet::new()),
             wake,
             woken: Mutex::new(Some(woken)),
             health: Arc::new(crate::http::Health::default()),
         }
     }
 
-    /// Every Bake in scope as the launch gate sees it: the cache, with this process's own launches
-    /// and releases laid over it. No API request.
-    fn bake_views(&self) -> Vec<queue::BakeView> {
+    /// The Bakes the launch gate decides against for a Bake with `key`: every unfinished one, and
+    /// the finished ones with that key (the only finished ones that matter), from the cache with
+    /// this process's own launches and releases laid over it. No API request; a finished Bake of
+    /// another key costs one comparison.
+    fn bake_views(&self, key: &str) -> Vec<queue::BakeView> {
         let cached = self
             .stores
             .bakes
             .state()
             .iter()
+            .filter(|b| {
+                !b.phase().is_some_and(|p| p.is_terminal())
+                    || b.status.as_ref().and_then(|s| s.bake_key.as_deref()) == Some(key)
+            })
             .map(|b| queue::BakeView::from_bake(b))
             .collect();
         locked(&self.expectations).overlay(cached)
@@ -179,6 +189,7 @@ pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
                     locked(&ctx.created).remove(&uid);
                     // A Bake deleted while its children were being refused: forget the count.
                     locked(&ctx.rejections).remove(&uid);
+                    locked(&ctx.unfinished).remove(&uid);
                 }
                 ctx.wake_all(queue::wake_on_end(&bake, &ctx.stores.bakes.state()));
                 Ok(Action::await_change())
@@ -300,195 +311,115 @@ fn requeue_for(reason: Reason) -> Action {
     }
 }
 
-/// What a launch needs, gathered from the caches (and, once per Bake, EC2 or a catalog for the
-/// source image).
-struct Prepared {
-    template: Arc<BakeTemplate>,
-    source_ami: String,
-    bake_key: String,
-    rendered: String,
+/// Launching or resuming: what the plan is for.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// No launch recorded: decide everything.
+    Launch,
+    /// A launch is recorded: only rebuild what the pod needs, from the recorded source.
+    Resume,
 }
 
-/// Gathers the template, the source image and the rendered template with its key; or the
-/// transition that says why the Bake cannot start yet.
-async fn prepare(b: &BakeRef<'_>, ctx: &Context) -> Result<std::result::Result<Prepared, Transition>> {
-    let spec = &b.bake.spec;
-    let Some(template) = ctx.stores.template(&spec.template) else {
-        return Ok(Err(Transition::new(
-            Reason::TemplateNotFound,
-            format!(
-                "BakeTemplate {:?} does not exist; the Bake starts once it is created",
-                spec.template
-            ),
-        )));
-    };
-    let tspec = &template.spec;
+/// Most rounds of gather and decide for one reconcile: each fact is fetched at most once, and the
+/// Bakes again after each fetch, so four suffice; the bound only guards against a loop.
+const MAX_ROUNDS: usize = 6;
 
-    // The source image is resolved once and recorded, so a re-render after a restart is identical
-    // and a waiting Bake never asks EC2 again.
-    let recorded = b.status().and_then(|s| s.source_ami_id.clone());
-    let source_ami = match (recorded, &tspec.source.ami_id, &tspec.source.filter) {
-        (Some(id), _, _) => id,
-        (None, Some(id), _) => id.clone(),
-        (None, None, None) if let Some(source) = &tspec.source.catalog => {
-            let catalogs: Api<AmiCatalog> = Api::namespaced(ctx.client.clone(), &b.namespace);
-            let catalog = catalogs.get_opt(&source.name).await.map_err(Error::GetCatalog)?;
-            let virt = spec.virtualization_type.as_str();
-            match crate::catalog::source_image(catalog.as_ref().and_then(|c| c.status.as_ref()), virt) {
-                Some(id) => id,
-                None => {
-                    let what = if catalog.is_some() {
-                        "lists no available"
-                    } else {
-                        "does not exist, so it lists no"
-                    };
-                    return Ok(Err(Transition::new(
-                        Reason::SourceCatalogEmpty,
-                        format!(
-                            "AmiCatalog {:?} (the source of BakeTemplate {:?}) {what} {virt} image; the Bake starts once it does",
-                            source.name, spec.template
-                        ),
-                    )));
+/// Gathers the facts the launch decision asks for and returns its plan, holding the launch lock
+/// if the plan was made on Bakes read under it (EC2 is asked only while the lock is not held).
+async fn plan<'c>(
+    b: &BakeRef<'_>,
+    ctx: &'c Context,
+    stage: Stage,
+) -> Result<(launch::Plan, Option<tokio::sync::MutexGuard<'c, ()>>)> {
+    let spec = &b.bake.spec;
+    let template = ctx.stores.template(&spec.template);
+    let catalog = template
+        .as_ref()
+        .and_then(|t| t.spec.source.catalog.as_ref())
+        .and_then(|c| ctx.stores.catalog(&b.namespace, &c.name));
+    let mut filter = None;
+    let mut keyed_images: Option<Vec<crate::aws::ImageSummary>> = None;
+    let mut bakes: Option<Vec<queue::BakeView>> = None;
+    let mut guard = None;
+    for _ in 0..MAX_ROUNDS {
+        let facts = launch::Facts {
+            bake: b.bake,
+            config: &ctx.config,
+            template: template.as_deref(),
+            catalog: catalog.as_deref(),
+            filter: filter.clone(),
+            keyed_images: keyed_images.as_deref(),
+            bakes: bakes.as_deref(),
+        };
+        let plan = match stage {
+            Stage::Launch => launch::decide(&facts),
+            Stage::Resume => launch::prepare(&facts).map_or_else(launch::Plan::from, launch::Plan::Launch),
+        };
+        match plan {
+            launch::Plan::Ask(need) => {
+                if !matches!(need, launch::Need::Bakes { .. }) {
+                    // Bakes read under a lock no longer held are no basis for a decision.
+                    (guard, bakes) = (None, None);
+                }
+                match need {
+                    launch::Need::SourceFilter { region, filter: f } => {
+                        filter = Some(
+                            match ctx
+                                .ec2
+                                .resolve_source(&region, &f, spec.virtualization_type)
+                                .await
+                            {
+                                Ok(Some(image)) => launch::FilterAnswer::Found(image.image_id),
+                                Ok(None) => launch::FilterAnswer::NotFound,
+                                Err(e) => launch::FilterAnswer::Failed(e.to_string()),
+                            },
+                        );
+                    }
+                    launch::Need::ImagesWithKey { region, key } => {
+                        keyed_images = Some(ctx.ec2.images_tagged(&region, keys::BAKE_KEY, &key).await?);
+                    }
+                    launch::Need::Bakes { key } => {
+                        guard = Some(ctx.launch_lock.lock().await);
+                        bakes = Some(ctx.bake_views(&key));
+                    }
                 }
             }
+            plan => return Ok((plan, guard)),
         }
-        (None, None, Some(filter)) => match ctx
-            .ec2
-            .resolve_source(&tspec.region, filter, spec.virtualization_type)
-            .await
-        {
-            Ok(Some(image)) => image.image_id,
-            Ok(None) => {
-                return Ok(Err(Transition::new(
-                    Reason::SourceImageNotFound,
-                    format!(
-                        "no available {} image in {} matches the source filter of BakeTemplate {:?}",
-                        spec.virtualization_type.as_str(),
-                        tspec.region,
-                        spec.template
-                    ),
-                )));
-            }
-            Err(e) => return Ok(Err(Transition::new(Reason::Ec2Unavailable, e.to_string()))),
-        },
-        (None, None, None) => {
-            return Ok(Err(Transition::new(
-                Reason::InvalidTemplate,
-                "the BakeTemplate sets none of source.amiId, source.filter or source.catalog",
-            )));
-        }
-    };
-
-    let identity = BakeIdentity {
-        name: b.name.clone(),
-        namespace: b.namespace.clone(),
-        uid: b.uid.clone(),
-    };
-    let packer_image = tspec
-        .packer_image
-        .clone()
-        .unwrap_or_else(|| ctx.config.packer_image.clone());
-    let input = RenderInput {
-        bake: spec,
-        identity: &identity,
-        template_name: &spec.template,
-        template: tspec,
-        source: ResolvedSource::AmiId(source_ami.clone()),
-        default_ec2_endpoint: ctx.config.ec2_endpoint.as_deref(),
-        bake_key: "",
-    };
-    let bake_key = key::bake_key(&input, &packer_image);
-    let input = RenderInput {
-        bake_key: &bake_key,
-        ..input
-    };
-    let rendered = match packer::render_string(&input) {
-        Ok(r) => r,
-        Err(e) => return Ok(Err(Transition::new(Reason::InvalidTemplate, e.to_string()))),
-    };
-    Ok(Ok(Prepared {
-        template,
-        source_ami,
-        bake_key,
-        rendered,
-    }))
+    }
+    Err(Error::Undecided)
 }
 
+/// Decides, from the caches (and EC2 when the decision asks), whether a Bake without a pod
+/// launches, waits, reuses an image or cannot start; then does it. Deciding and recording a
+/// launch happen under one lock, against the cache with this process's unseen launches laid over
+/// it, so two identical Bakes, or two Bakes racing for the last slot, never both start.
 async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
-    let spec = &b.bake.spec;
-    // Bake pods are privileged: they run only where the admin allowed them.
-    if !ctx.config.bake_namespace_allowed(&b.namespace) {
-        let t = Transition::new(
-            Reason::NamespaceNotAllowed,
-            format!(
-                "bake pods may not run in namespace {}; the operator's admin allows: {}",
-                b.namespace,
-                ctx.config.bake_namespaces.join(", ")
-            ),
-        );
-        return finish(b, ctx, t, None).await;
-    }
-    let p = match prepare(b, ctx).await? {
-        Ok(p) => p,
-        Err(t) => return finish(b, ctx, t, None).await,
-    };
-    let region = p.template.spec.region.clone();
-
-    // An identical image made earlier (for a Bake within the reuse scope, in any cluster) is
-    // reused. EC2 is asked once per key: a Bake that waits has recorded the key it looked up.
-    let looked_up = b.status().and_then(|s| s.bake_key.as_deref()) == Some(p.bake_key.as_str());
-    if !spec.rebake
-        && !looked_up
-        && let Some(image) = reusable_image(b, ctx, &region, &p.bake_key, None).await?
-    {
-        let from = image.tags.get(keys::BAKE).cloned();
-        return reuse(b, ctx, &p.bake_key, &region, image.image_id, from).await;
-    }
-
-    // Deciding to launch and recording the launch happen under one lock, against the cache with
-    // this process's unseen launches laid over it, so two identical Bakes, or two Bakes racing
-    // for the last slot, never both start.
-    let guard = ctx.launch_lock.lock().await;
-    let mut me = queue::BakeView::from_bake(b.bake);
-    me.key = Some(p.bake_key.clone());
-    let all = ctx.bake_views();
-    let limits = queue::Limits {
-        global: ctx.config.max_concurrent_bakes.max(1),
-        per_namespace: ctx.config.max_concurrent_bakes_per_namespace.map(|n| n.max(1)),
-    };
-    let scope = ctx.config.reuse_scope;
-    let mut decision = queue::decide(&me, &p.bake_key, spec.rebake, scope, &all, limits);
-    if let Decision::Reuse { ami_id, from } = &decision {
-        // The other Bake's status is Baker's, but the image itself must still carry the key:
-        // an image deregistered or retagged since is no evidence.
-        if reusable_image(b, ctx, &region, &p.bake_key, Some(ami_id))
-            .await?
-            .is_some()
-        {
-            let (ami_id, from) = (ami_id.clone(), from.clone());
+    let (plan, guard) = plan(b, ctx, Stage::Launch).await?;
+    let (prepared, transition) = match plan {
+        launch::Plan::Launch(prepared) => (prepared, None),
+        launch::Plan::Wait { prepared, transition } => (prepared, Some(transition)),
+        launch::Plan::Stop(t) => {
             drop(guard);
-            return reuse(b, ctx, &p.bake_key, &region, ami_id, Some(from)).await;
+            return finish(b, ctx, t, None).await;
         }
-        warn!(image = %ami_id, from = %from, "the identical Bake's image no longer carries its key; baking anew");
-        decision = queue::decide(&me, &p.bake_key, true, scope, &all, limits);
-    }
-    let waiting = match decision {
-        Decision::Launch => None,
-        // Not with `rebake` set, which the second decision has.
-        Decision::Reuse { .. } => None,
-        Decision::WaitForIdentical { other } => Some(Transition::new(
-            Reason::WaitingForIdenticalBake,
-            format!("Bake {other} is baking the identical image; this Bake will reuse its AMI"),
-        )),
-        Decision::Queued { message } => Some(Transition::new(Reason::Queued, message)),
+        launch::Plan::Reuse {
+            prepared,
+            ami_id,
+            from,
+        } => {
+            drop(guard);
+            return reuse(b, ctx, &prepared.keyed.key, &prepared.region, ami_id, from).await;
+        }
+        launch::Plan::Ask(_) => return Err(Error::Undecided),
     };
-    if let Some(t) = waiting {
+    if let Some(t) = transition {
         drop(guard);
         // The key and the source are recorded, so the Bake waits without asking EC2 again.
         let mut next = status::apply(b.status(), b.bake.metadata.generation, &t, &now());
-        next.bake_key = Some(p.bake_key.clone());
-        next.source_ami_id = Some(p.source_ami.clone());
-        next.region = Some(region);
+        next.bake_key = Some(prepared.keyed.key.clone());
+        next.source_ami_id = Some(prepared.source_ami.clone());
+        next.region = Some(prepared.region.clone());
         return write_if_changed(b, ctx, next, &t).await;
     }
 
@@ -501,52 +432,35 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
         &now(),
     );
     launched.pod_name = Some(pod_name.clone());
-    launched.source_ami_id = Some(p.source_ami.clone());
-    launched.region = Some(region);
-    launched.bake_key = Some(p.bake_key.clone());
+    launched.source_ami_id = Some(prepared.source_ami.clone());
+    launched.region = Some(prepared.region.clone());
+    launched.bake_key = Some(prepared.keyed.key.clone());
     launched.started_at = launched.started_at.or_else(|| Some(now()));
     write_status(b, ctx, &launched).await?;
+    let mut me = queue::BakeView::from_bake(b.bake);
+    me.key = Some(prepared.keyed.key.clone());
     me.launched = true;
     me.phase = launched.phase;
     locked(&ctx.expectations).launched(me);
     drop(guard);
     failpoint::hit(failpoint::LAUNCH_RECORDED);
 
-    if let Some(t) = create_children(b, ctx, &p).await? {
+    if let Some(t) = create_children(b, ctx, &prepared).await? {
         return finish(b, ctx, t, None).await;
     }
-    info!(pod = %pod_name, key = %p.bake_key, "launched bake pod");
+    info!(pod = %pod_name, key = %prepared.keyed.key, "launched bake pod");
     publish(
         b,
         ctx,
         EventType::Normal,
         "Launched",
-        format!("launched bake pod {pod_name} with BakeTemplate {}", spec.template),
+        format!(
+            "launched bake pod {pod_name} with BakeTemplate {}",
+            b.bake.spec.template
+        ),
     )
     .await;
     Ok(Action::requeue(Duration::from_secs(300)))
-}
-
-/// An available image of this account tagged with `key` (EC2's own tag filter) and baked for a
-/// Bake within the operator's reuse scope; with `id`, only that image.
-async fn reusable_image(
-    b: &BakeRef<'_>,
-    ctx: &Context,
-    region: &str,
-    key: &str,
-    id: Option<&str>,
-) -> Result<Option<crate::aws::ImageSummary>> {
-    let scope = ctx.config.reuse_scope;
-    Ok(ctx
-        .ec2
-        .images_tagged(region, keys::BAKE_KEY, key)
-        .await?
-        .into_iter()
-        .filter(|i| id.is_none_or(|id| i.image_id == id))
-        .filter(|i| i.tags.get(keys::BAKE_KEY).map(String::as_str) == Some(key))
-        .find(|i| {
-            i.state.as_deref() == Some("available") && scope.reaches(&b.namespace, i.baker_namespace())
-        }))
 }
 
 /// A launch is recorded but its pod is not in the cache: this process created it a moment ago (its
@@ -559,20 +473,31 @@ async fn resume(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     if recent {
         return Ok(Action::requeue(POD_CACHE_GRACE));
     }
-    let p = match prepare(b, ctx).await? {
-        Ok(p) => p,
-        Err(t) => return finish(b, ctx, t, None).await,
+    let prepared = match plan(b, ctx, Stage::Resume).await?.0 {
+        launch::Plan::Launch(prepared) => prepared,
+        launch::Plan::Stop(t) => return finish(b, ctx, t, None).await,
+        _ => return Err(Error::Undecided),
     };
-    if let Some(t) = create_children(b, ctx, &p).await? {
+    if let Some(t) = create_children(b, ctx, &prepared).await? {
         return finish(b, ctx, t, None).await;
     }
-    info!(key = %p.bake_key, "resumed the launch of the bake pod");
+    info!(key = %prepared.keyed.key, "resumed the launch of the bake pod");
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
 /// Creates the template ConfigMap and the bake pod, unless they exist as the Bake's own. Returns
 /// the transition that fails the Bake if a name is taken by an object that is not.
-async fn create_children(b: &BakeRef<'_>, ctx: &Context, p: &Prepared) -> Result<Option<Transition>> {
+async fn create_children(b: &BakeRef<'_>, ctx: &Context, p: &launch::Prepared) -> Result<Option<Transition>> {
+    // Decided on this template a moment ago; gone since, the Bake waits for it again.
+    let Some(template) = ctx.stores.template(&b.bake.spec.template) else {
+        return Ok(Some(Transition::new(
+            Reason::TemplateNotFound,
+            format!(
+                "BakeTemplate {:?} was deleted while the Bake launched; it starts once it exists again",
+                b.bake.spec.template
+            ),
+        )));
+    };
     let owner = b
         .bake
         .controller_owner_ref(&())
@@ -582,11 +507,11 @@ async fn create_children(b: &BakeRef<'_>, ctx: &Context, p: &Prepared) -> Result
         namespace: &b.namespace,
         owner,
         service: &b.bake.spec.service,
-        template: &p.template.spec,
+        template: &template.spec,
         config: &ctx.config,
     };
     let config_maps: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &b.namespace);
-    let config_map = pod::template_config_map(&pod_input, &p.rendered);
+    let config_map = pod::template_config_map(&pod_input, &p.keyed.rendered);
     let conflict = |kind: &str, name: String| {
         Transition::new(
             Reason::NameConflict,
@@ -1157,6 +1082,7 @@ fn error_policy(_bake: Arc<Bake>, error: &Error, _ctx: Arc<Context>) -> Action {
 pub fn run(ctx: Arc<Context>, caches: &Caches) -> impl Future<Output = ()> + use<> {
     let store = caches.bakes.store();
     let queue_store = caches.bakes.store();
+    let ends = ctx.clone();
     let woken = locked(&ctx.woken).take();
     let mut controller = Controller::for_shared_stream(caches.bakes.subscribe(), caches.bakes.store())
         // Reconciles read caches and write only on change, so many can run at once; the bound
@@ -1166,7 +1092,18 @@ pub fn run(ctx: Arc<Context>, caches: &Caches) -> impl Future<Output = ()> + use
         .owns_shared_stream(caches.pods.subscribe())
         // A Bake that ends frees a slot, or an image: the Bakes waiting for it look again at once.
         .watches_shared_stream(caches.bakes.subscribe(), move |bake: Arc<Bake>| {
-            if !bake.phase().is_some_and(|p| p.is_terminal()) {
+            let Some(uid) = bake.uid() else {
+                return Vec::new();
+            };
+            let ended = {
+                let mut unfinished = locked(&ends.unfinished);
+                if !bake.phase().is_some_and(|p| p.is_terminal()) {
+                    unfinished.insert(uid);
+                    return Vec::new();
+                }
+                unfinished.remove(&uid)
+            };
+            if !ended {
                 return Vec::new();
             }
             queue::wake_on_end(&bake, &queue_store.state())

@@ -8,7 +8,7 @@
 
 use sha2::{Digest, Sha256};
 
-use crate::packer::{BakeIdentity, RenderInput, render};
+use crate::packer::{BakeIdentity, RenderError, RenderInput, render};
 
 /// Versioned so that a change in what the key covers never matches keys made before it.
 const KEY_VERSION: &str = "baker-key-v1";
@@ -45,6 +45,24 @@ pub fn bake_key(input: &RenderInput<'_>, packer_image: &str) -> String {
     }
     hex.truncate(KEY_HEX_LEN);
     hex
+}
+
+/// A rendered template and its key: what a Bake's pod runs, and the key tagged on its image.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Keyed {
+    pub key: String,
+    pub rendered: String,
+}
+
+/// Computes the key of `input` (its `bake_key` is ignored) and renders it with that key. The
+/// operator and the CLI's dry run both render through here, so a dry run shows what a Bake gets.
+pub fn render_keyed(input: &RenderInput<'_>, packer_image: &str) -> Result<Keyed, RenderError> {
+    let key = bake_key(input, packer_image);
+    let rendered = crate::packer::render_string(&RenderInput {
+        bake_key: &key,
+        ..input.clone()
+    })?;
+    Ok(Keyed { key, rendered })
 }
 
 #[cfg(test)]

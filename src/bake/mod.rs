@@ -4,6 +4,7 @@
 pub mod cleanup;
 pub mod controller;
 pub mod key;
+pub mod launch;
 pub mod pod;
 pub mod queue;
 pub mod status;

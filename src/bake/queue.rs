@@ -90,6 +90,16 @@ pub struct Limits {
     pub per_namespace: Option<usize>,
 }
 
+impl Limits {
+    /// The admin's limits; a limit below one would stop every Bake, so it counts as one.
+    pub fn from_config(config: &crate::config::OperatorConfig) -> Self {
+        Limits {
+            global: config.max_concurrent_bakes.max(1),
+            per_namespace: config.max_concurrent_bakes_per_namespace.map(|n| n.max(1)),
+        }
+    }
+}
+
 /// What the Bake should do now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Decision {
@@ -144,8 +154,13 @@ pub fn decide(
             };
         }
     }
-    let active = others.iter().filter(|b| b.active()).count();
-    let active_in = |ns: &str| others.iter().filter(|b| b.active() && b.namespace == ns).count();
+    // Counted once: the first-come check below asks for every older waiting Bake's namespace.
+    let mut active_by_namespace: HashMap<&str, usize> = HashMap::new();
+    for b in others.iter().filter(|b| b.active()) {
+        *active_by_namespace.entry(b.namespace.as_str()).or_default() += 1;
+    }
+    let active: usize = active_by_namespace.values().sum();
+    let active_in = |ns: &str| active_by_namespace.get(ns).copied().unwrap_or(0);
     // Messages name the limit, never live counts: a queued Bake's status changes only when its
     // own situation does, not whenever another Bake starts or ends.
     if active >= limits.global {

@@ -16,7 +16,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
-use crate::api::{Bake, BakeTemplate, keys};
+use crate::api::{AmiCatalog, Bake, BakeTemplate, keys};
 use crate::http::Health;
 
 /// Events a subscriber may lag behind before the watch waits for it. Every subscriber is a
@@ -24,7 +24,9 @@ use crate::http::Health;
 /// replay of the whole cache at start.
 const SUBSCRIBER_BUFFER: usize = 1024;
 
-/// One shared list-and-watch of `K`. Subscribe every consumer first, then [`Shared::run`] it.
+/// One shared list-and-watch of `K`. Consumers may subscribe before or after [`Shared::run`]
+/// starts: a late subscriber (a standby that became leader on warm caches) first gets every
+/// object already cached, then the events that follow.
 ///
 /// Subscribers get the objects of the watch events themselves, over a bounded channel each. kube's
 /// own shared-store subscription hands out object references and looks each one up in the store
@@ -36,7 +38,7 @@ where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
     reader: Store<K>,
-    writer: Writer<K>,
+    writer: std::sync::Mutex<Option<Writer<K>>>,
     subscribers: std::sync::Mutex<Vec<futures::channel::mpsc::Sender<Arc<K>>>>,
 }
 
@@ -48,10 +50,15 @@ where
         let (reader, writer) = reflector::store();
         Self {
             reader,
-            writer,
+            writer: std::sync::Mutex::new(Some(writer)),
             subscribers: std::sync::Mutex::new(Vec::new()),
         }
     }
+}
+
+/// Locks a mutex whose data stays valid even if a holder panicked.
+fn locked<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl<K> Shared<K>
@@ -63,26 +70,25 @@ where
         self.reader.clone()
     }
 
-    /// Every object the watch applies (created, changed, or listed at a (re)start). Deletions are
-    /// not delivered.
+    /// Every object the watch applies (created, changed, or listed at a (re)start), starting with
+    /// the objects cached already. Deletions are not delivered.
     pub fn subscribe(&self) -> BoxStream<'static, Arc<K>> {
         let (tx, rx) = futures::channel::mpsc::channel(SUBSCRIBER_BUFFER);
-        self.subscribers
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .push(tx);
-        rx.boxed()
+        // Registered before the snapshot is taken: an object changed in between comes twice,
+        // which a trigger stream tolerates, and never not at all.
+        locked(&self.subscribers).push(tx);
+        let cached = self.reader.state();
+        futures::stream::iter(cached).chain(rx).boxed()
     }
 
     /// Lists and watches through `api` until dropped; calls `synced` once, when the first list
-    /// is in the cache. `lag` delays every event (a failpoint for tests).
-    pub async fn run(self, api: Api<K>, config: watcher::Config, lag: Option<Duration>, synced: impl Fn()) {
-        let mut subscribers = std::mem::take(
-            &mut *self
-                .subscribers
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner()),
-        );
+    /// is in the cache. `lag` delays every event (a failpoint for tests). Runs once: a second
+    /// call returns at once.
+    pub async fn run(&self, api: Api<K>, config: watcher::Config, lag: Option<Duration>, synced: impl Fn()) {
+        let Some(writer) = locked(&self.writer).take() else {
+            tracing::error!("a shared watch was started twice");
+            return;
+        };
         let reader = self.reader.clone();
         let mut first = true;
         let events = watcher(api, config)
@@ -93,7 +99,7 @@ where
                 }
                 event
             })
-            .reflect(self.writer);
+            .reflect(writer);
         futures::pin_mut!(events);
         while let Some(event) = events.next().await {
             let objects: Vec<Arc<K>> = match event {
@@ -108,11 +114,20 @@ where
                 }
                 _ => Vec::new(),
             };
+            if objects.is_empty() {
+                continue;
+            }
+            // Cloned so no lock is held across a send that waits for a slow subscriber.
+            let mut subscribers = locked(&self.subscribers).clone();
+            let mut gone = false;
             for obj in objects {
                 for tx in &mut subscribers {
-                    // A subscriber that is gone (its controller stopped) is no reason to stop.
-                    let _ = tx.send(obj.clone()).await;
+                    gone |= tx.send(obj.clone()).await.is_err();
                 }
+            }
+            if gone {
+                // A subscriber that is gone (its controller stopped) is no reason to stop.
+                locked(&self.subscribers).retain(|tx| !tx.is_closed());
             }
         }
     }
@@ -160,6 +175,7 @@ pub struct Stores {
     pub bakes: Store<Bake>,
     pub pods: Store<Pod>,
     pub templates: Store<BakeTemplate>,
+    pub catalogs: Store<AmiCatalog>,
     pub synced: SyncGate,
 }
 
@@ -171,25 +187,39 @@ impl Stores {
     pub fn template(&self, name: &str) -> Option<Arc<BakeTemplate>> {
         self.templates.get(&ObjectRef::new(name))
     }
+
+    pub fn catalog(&self, namespace: &str, name: &str) -> Option<Arc<AmiCatalog>> {
+        self.catalogs.get(&ObjectRef::new(name).within(namespace))
+    }
 }
 
-/// The process's caches, before they run.
-#[derive(Default)]
+/// The process's caches. They run from the start, also on a standby replica, so one that takes
+/// over has them warm and lists nothing again.
 pub struct Caches {
     pub bakes: Shared<Bake>,
     pub pods: Shared<Pod>,
     pub templates: Shared<BakeTemplate>,
-    gate: Option<SyncGate>,
+    pub catalogs: Shared<AmiCatalog>,
+    gate: SyncGate,
 }
 
 /// How many caches [`Caches::run`] fills.
-const CACHES: usize = 3;
+const CACHES: usize = 4;
+
+impl Default for Caches {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 impl Caches {
     pub fn new() -> Self {
         Self {
-            gate: Some(SyncGate::new(CACHES)),
-            ..Default::default()
+            bakes: Shared::default(),
+            pods: Shared::default(),
+            templates: Shared::default(),
+            catalogs: Shared::default(),
+            gate: SyncGate::new(CACHES),
         }
     }
 
@@ -198,23 +228,27 @@ impl Caches {
             bakes: self.bakes.store(),
             pods: self.pods.store(),
             templates: self.templates.store(),
-            synced: self.gate.clone().unwrap_or_else(|| SyncGate::new(CACHES)),
+            catalogs: self.catalogs.store(),
+            synced: self.gate.clone(),
         }
     }
 
-    /// Runs every watch until dropped. Bakes and pods are watched in `namespace` (or everywhere);
-    /// BakeTemplates are cluster-scoped. Marks `health` synced once every cache is.
-    pub async fn run(self, client: Client, namespace: Option<&str>, health: Arc<Health>) {
-        let gate = self.gate.clone().unwrap_or_else(|| SyncGate::new(CACHES));
+    /// Runs every watch until dropped. Bakes, pods and AmiCatalogs are watched in `namespace` (or
+    /// everywhere); BakeTemplates are cluster-scoped. Marks `health` synced once every cache is.
+    pub async fn run(&self, client: Client, namespace: Option<&str>, health: Arc<Health>) {
+        fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+        where
+            K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+        {
+            match namespace {
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
+            }
+        }
+        let gate = self.gate.clone();
         let bakes_store = self.bakes.store();
-        let (bakes, pods): (Api<Bake>, Api<Pod>) = match namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (Api::all(client.clone()), Api::all(client.clone())),
-        };
-        let templates: Api<BakeTemplate> = Api::all(client);
+        health.catalogs_watched(self.catalogs.store());
+        let templates: Api<BakeTemplate> = Api::all(client.clone());
         let bake_lag =
             crate::failpoint::is_active(crate::failpoint::BAKE_CACHE_LAG).then_some(Duration::from_secs(1));
         let managed = format!("{}={}", keys::MANAGED_BY, keys::MANAGED_BY_VALUE);
@@ -224,17 +258,13 @@ impl Caches {
                 health.caches_synced(bakes_store.clone());
             }
         };
+        let any = || watcher::Config::default().any_semantic();
         tokio::join!(
-            self.bakes
-                .run(bakes, watcher::Config::default().any_semantic(), bake_lag, mark),
-            self.pods.run(
-                pods,
-                watcher::Config::default().labels(&managed).any_semantic(),
-                None,
-                mark
-            ),
-            self.templates
-                .run(templates, watcher::Config::default().any_semantic(), None, mark),
+            self.bakes.run(scoped(&client, namespace), any(), bake_lag, mark),
+            self.pods
+                .run(scoped(&client, namespace), any().labels(&managed), None, mark),
+            self.templates.run(templates, any(), None, mark),
+            self.catalogs.run(scoped(&client, namespace), any(), None, mark),
         );
     }
 }

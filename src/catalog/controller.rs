@@ -9,8 +9,7 @@ use futures::StreamExt;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::reflector::{ObjectRef, Store};
-use kube::runtime::watcher;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
@@ -20,6 +19,7 @@ use crate::api::catalog::{Retention, RetentionStatus};
 use crate::api::{AmiCatalog, AmiCatalogStatus, Bake};
 use crate::aws::{Ec2, Ec2Error, ImageSummary};
 use crate::bake::controller::FIELD_MANAGER;
+use crate::bake::watch::{Caches, Stores};
 use crate::config::{OperatorConfig, Scope};
 use crate::error::{Error, Result};
 use crate::usage;
@@ -35,7 +35,6 @@ pub struct Context {
     pub client: Client,
     pub ec2: Ec2,
     pub recorder: Recorder,
-    pub watch_namespace: Option<String>,
     /// Whose images retention may remove.
     pub retention_scope: Scope,
     /// Most images one sync removes.
@@ -46,8 +45,8 @@ pub struct Context {
     last_sync: Mutex<HashMap<String, LastSync>>,
     /// Catalogs (by UID) a succeeded Bake asked to refresh before their interval.
     forced: Mutex<HashSet<String>>,
-    /// The process's Bake cache, for retention's "still used" check; set by [`run`].
-    bakes: std::sync::OnceLock<Store<Bake>>,
+    /// The process's caches (retention's "still used" check reads the Bakes); set by [`run`].
+    stores: std::sync::OnceLock<Stores>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -62,13 +61,12 @@ impl Context {
             client,
             ec2,
             recorder,
-            watch_namespace: config.watch_namespace.clone(),
             retention_scope: config.retention_scope,
             max_removals: config.retention_max_removals,
             max_images: config.catalog_max_images.max(1),
             last_sync: Mutex::new(HashMap::new()),
             forced: Mutex::new(HashSet::new()),
-            bakes: std::sync::OnceLock::new(),
+            stores: std::sync::OnceLock::new(),
         }
     }
 
@@ -80,6 +78,10 @@ impl Context {
 /// Reconciles one catalog: syncs it with EC2 if it is due, and comes back when it next is.
 #[instrument(skip_all, fields(catalog = %catalog.name_any(), namespace = catalog.namespace().unwrap_or_default()))]
 pub async fn reconcile(catalog: Arc<AmiCatalog>, ctx: Arc<Context>) -> Result<Action> {
+    // Retention reads the Bake cache: before it has synced, no image may look unused.
+    if let Some(stores) = ctx.stores.get() {
+        stores.synced.wait().await;
+    }
     let uid = catalog.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let namespace = catalog
         .namespace()
@@ -179,7 +181,12 @@ async fn retain(
     }
     let region = &catalog.spec.region;
     let ids: Vec<String> = past.iter().map(|i| i.image_id.clone()).collect();
-    let bakes = ctx.bakes.get().ok_or(Error::CacheNotReady("Bakes"))?.state();
+    let bakes = ctx
+        .stores
+        .get()
+        .ok_or(Error::CacheNotReady("Bakes"))?
+        .bakes
+        .state();
     let uses = match usage::in_use(&ctx.ec2, region, &ids, usage::bake_uses(&bakes, None)).await {
         Ok(uses) => uses,
         Err(e) => return Ok(Err(e)),
@@ -267,31 +274,19 @@ fn error_policy(_catalog: Arc<AmiCatalog>, error: &Error, _ctx: Arc<Context>) ->
     Action::requeue(Duration::from_secs(15))
 }
 
-/// Runs the AmiCatalog controller until a shutdown signal. `bakes` is the process's shared
-/// stream of Bakes (one that succeeds refreshes the catalogs its image may belong to), and
-/// `bake_store` its cache.
-pub async fn run(
-    ctx: Arc<Context>,
-    health: Arc<crate::http::Health>,
-    bakes: impl futures::Stream<Item = Arc<Bake>> + Send + 'static,
-    bake_store: Store<Bake>,
-) {
-    let _ = ctx.bakes.set(bake_store);
-    let catalogs: Api<AmiCatalog> = match &ctx.watch_namespace {
-        Some(ns) => Api::namespaced(ctx.client.clone(), ns),
-        None => Api::all(ctx.client.clone()),
-    };
-    // A sync pages through EC2: a few at once keep a burst of catalogs from throttling the
-    // account's DescribeImages rate.
-    let controller = Controller::new(catalogs, watcher::Config::default().any_semantic())
-        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY));
-    let store = controller.store();
-    health.catalogs_watched(controller.store());
+/// The AmiCatalog controller on the process's caches, subscribed at once; the future runs it
+/// until a shutdown signal. A Bake that succeeds refreshes the catalogs its image may belong to.
+pub fn run(ctx: Arc<Context>, caches: &Caches) -> impl Future<Output = ()> + use<> {
+    let _ = ctx.stores.set(caches.stores());
+    let store = caches.catalogs.store();
     let trigger = ctx.clone();
-    controller
+    Controller::for_shared_stream(caches.catalogs.subscribe(), caches.catalogs.store())
+        // A sync pages through EC2: a few at once keep a burst of catalogs from throttling the
+        // account's DescribeImages rate.
+        .with_config(kube::runtime::controller::Config::default().concurrency(CONCURRENCY))
         // A Bake that succeeds refreshes the catalogs its image may belong to, without waiting
         // for their interval.
-        .watches_shared_stream(bakes, move |bake: Arc<Bake>| {
+        .watches_shared_stream(caches.bakes.subscribe(), move |bake: Arc<Bake>| {
             if !super::refreshes_on(&bake, jiff::Timestamp::now()) {
                 return Vec::new();
             }
@@ -312,5 +307,4 @@ pub async fn run(
                 tracing::debug!(error = %e, "catalog reconcile loop");
             }
         })
-        .await;
 }
