@@ -216,16 +216,25 @@ async fn amis_list_the_latest_image_of_each_catalog_and_the_newest_of_a_service(
         )
         .await?;
 
-    let all = get(&operator.http, "/amis").await?;
-    assert_eq!(all.status, 200);
-    let all = json(&all.body);
-    let mine = all["catalogs"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find(|c| c["namespace"] == ns.name())
-        .cloned()
-        .unwrap_or_default();
+    // The API answers from the operator's cache, which shows the status once its watch delivers it.
+    let (mine, all) = try_wait_until(
+        Duration::from_secs(20),
+        "/amis to show the catalog's status",
+        || async {
+            let all = get(&operator.http, "/amis").await?;
+            anyhow::ensure!(all.status == 200, "/amis answered {}: {}", all.status, all.body);
+            let all = json(&all.body);
+            let mine = all["catalogs"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|c| c["namespace"] == ns.name())
+                .cloned()
+                .unwrap_or_default();
+            Ok((!mine["latest"].is_null()).then_some((mine, all)))
+        },
+    )
+    .await?;
     assert_eq!(mine["latest"]["imageId"], "ami-0000000b", "{all}");
 
     let listed = get(&operator.http, &format!("/amis/{service}")).await?;

@@ -789,6 +789,12 @@ async fn observe_pending(b: &BakeRef<'_>, ctx: &Context, pod: &Pod) -> Result<Ac
     if pod.metadata.deletion_timestamp.is_some() {
         return pod_vanished(b, ctx, pod.uid()).await;
     }
+    // Nothing holds the pod up: it is starting, and the Bake still says "launching". Its next
+    // event (running, or held up) brings the next write; one per bake saved. Should the pod vanish
+    // before it runs, the recorded launch recreates it: packer has not run.
+    if holdup.is_none() {
+        return Ok(requeue_for(Reason::PodPending));
+    }
     let action = finish(b, ctx, t, pod.uid()).await?;
     Ok(match (&holdup, waited) {
         // Look again when the timeout is up, even if the pod never changes.

@@ -161,25 +161,28 @@ pub fn decide(
     }
     let active: usize = active_by_namespace.values().sum();
     let active_in = |ns: &str| active_by_namespace.get(ns).copied().unwrap_or(0);
-    // Messages name the limit, never live counts: a queued Bake's status changes only when its
-    // own situation does, not whenever another Bake starts or ends.
-    if active >= limits.global {
-        return Decision::Queued {
-            message: format!(
-                "queued: the operator-wide limit of {} running bake(s) is reached; this Bake starts when a slot frees",
+    // One message for every way of being queued, naming the limits only: a queued Bake's status
+    // changes only when its own situation does, not whenever another Bake starts or ends (which
+    // moves it between "a limit is reached" and "an older Bake goes first").
+    let queued = || Decision::Queued {
+        message: match limits.per_namespace {
+            Some(cap) => format!(
+                "queued: at most {} bake(s) run at once, {cap} per namespace; this Bake starts when a slot frees, oldest first",
                 limits.global
             ),
-        };
+            None => format!(
+                "queued: at most {} bake(s) run at once; this Bake starts when a slot frees, oldest first",
+                limits.global
+            ),
+        },
+    };
+    if active >= limits.global {
+        return queued();
     }
     if let Some(cap) = limits.per_namespace
         && active_in(&me.namespace) >= cap
     {
-        return Decision::Queued {
-            message: format!(
-                "queued: the limit of {cap} running bake(s) in namespace {} is reached; this Bake starts when a slot frees",
-                me.namespace
-            ),
-        };
+        return queued();
     }
     // First come, first served: an older Bake that could start now goes first. One held back by
     // its own namespace's limit does not hold up others.
@@ -193,9 +196,7 @@ pub fn decide(
         })
         .count();
     if ahead > 0 {
-        return Decision::Queued {
-            message: "queued: older Bakes start first".into(),
-        };
+        return queued();
     }
     Decision::Launch
 }
@@ -419,7 +420,7 @@ mod tests {
         };
         let all = vec![other_ns.clone(), same_ns, me.clone()];
         assert!(
-            matches!(decide(&me, "key-c", false, Scope::Namespace, &all, limits), Decision::Queued { message } if message.contains("namespace ns"))
+            matches!(decide(&me, "key-c", false, Scope::Namespace, &all, limits), Decision::Queued { message } if message.contains("1 per namespace"))
         );
         assert_eq!(
             decide(
@@ -654,6 +655,8 @@ mod tests {
             TWO,
         );
         assert!(matches!(one, Decision::Queued { .. }));
+        // Over the limit, and under it with an older Bake first: the same words.
+        assert_eq!(one, two);
         assert_eq!(two, three);
     }
 }

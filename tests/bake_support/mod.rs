@@ -47,8 +47,9 @@ pub async fn install_crds(rig: &Rig) -> Result<()> {
 /// The Secret bake pods read AWS credentials from (the rig's EC2 endpoint takes any).
 pub const CREDENTIALS_SECRET: &str = "aws-credentials";
 
-pub async fn create_credentials_secret(rig: &Rig, ns: &TestNamespace) -> Result<()> {
-    let secret: Secret = serde_json::from_value(serde_json::json!({
+/// The Secret with the rig's AWS keys that bake pods read (`--aws-credentials-secret`).
+pub fn credentials_secret(rig: &Rig) -> Result<Secret> {
+    Ok(serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": {"name": CREDENTIALS_SECRET},
@@ -56,8 +57,13 @@ pub async fn create_credentials_secret(rig: &Rig, ns: &TestNamespace) -> Result<
             "AWS_ACCESS_KEY_ID": rig.var("AWS_ACCESS_KEY_ID"),
             "AWS_SECRET_ACCESS_KEY": rig.var("AWS_SECRET_ACCESS_KEY"),
         }
-    }))?;
-    ns.api::<Secret>().create(&PostParams::default(), &secret).await?;
+    }))?)
+}
+
+pub async fn create_credentials_secret(rig: &Rig, ns: &TestNamespace) -> Result<()> {
+    ns.api::<Secret>()
+        .create(&PostParams::default(), &credentials_secret(rig)?)
+        .await?;
     Ok(())
 }
 

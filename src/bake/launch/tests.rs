@@ -329,7 +329,7 @@ fn a_full_queue_waits_with_its_key_and_source_recorded_and_a_message_without_cou
         Plan::Wait { prepared, transition } => {
             assert_eq!(transition.reason, Reason::Queued);
             assert!(
-                transition.message.contains("limit of 1"),
+                transition.message.contains("at most 1 bake(s)"),
                 "{}",
                 transition.message
             );
