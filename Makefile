@@ -44,11 +44,11 @@ rig_rc=0; $(RIG) status >/dev/null 2>&1 || rig_rc=$$?; started=0; [ "$$rig_rc" !
 trap 'rc=$$?; if [ "$$started" = 1 ]; then $(RIG) down || rc=1; fi; exit $$rc' EXIT; \
 [ "$$started" = 0 ] || echo "[make bench] no rig: bringing one up; it is taken down at the end" >&2; \
 $(RIG) up; \
-state=$${BAKER_RIG_DIR:-target/rig}; \
+state=$$(realpath -m "$${BAKER_RIG_DIR:-target/rig}"); \
 if [ -f "$$state/demo/operator.pid" ] && kill -0 "$$(cat "$$state/demo/operator.pid")" 2>/dev/null; then \
 	echo "[make bench] stopping the demo's operator (it watches every namespace); make demo starts it again" >&2; \
 	kill "$$(cat "$$state/demo/operator.pid")" || true; rm -f "$$state/demo/operator.pid"; fi; \
-BAKER_BIN=$$PWD/target/bench/baker-$(1) "$$harness" --size $(1) --build-profile $(2) --built-at "$$built" \
+BAKER_RIG_DIR=$$state BAKER_BIN=$$PWD/target/bench/baker-$(1) "$$harness" --size $(1) --build-profile $(2) --built-at "$$built" \
 	--build-seconds "$$(awk "BEGIN { print $$t1 - $$t0 }")" --build-cold "$$cold"
 endef
 

@@ -255,7 +255,9 @@ async fn run(args: &Args, size: Size) -> Result<Vec<String>> {
         .filter(|f| f.failed_assertion())
         .map(|f| format!("{}: measured {}, goal {}", f.name, f.shown, f.goal))
         .collect();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench/report.json");
+    // Relative to where `make` runs it (the checkout's root): the binary may have been built in
+    // another checkout sharing the target dir, so its compile-time paths are not evidence.
+    let path = Path::new("target/bench/report.json");
     let mut extra = serde_json::Map::new();
     extra.insert("timestamp".into(), json!(timestamp.to_string()));
     extra.insert("size".into(), json!(format!("{size:?}").to_lowercase()));
