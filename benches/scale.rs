@@ -275,7 +275,7 @@ async fn run(args: &Args, size: Size) -> Result<Vec<String>> {
         extra.insert("error".into(), json!(format!("{e:#}")));
     }
     extra.insert("failed_assertions".into(), json!(failures));
-    report::write_json(&path, &figures, extra)?;
+    report::write_json(path, &figures, extra)?;
     eprintln!(
         "report: {} ({:.0} s in all)",
         path.display(),
