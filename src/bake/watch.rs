@@ -93,8 +93,7 @@ where
         let mut first = true;
         let events = watcher(api, config)
             .default_backoff()
-            // Nothing reads who wrote which field, and it is a large part of every object: with
-            // 10,000 Bakes cached, it is most of the operator's memory.
+            // Nothing reads who wrote which field: the cache keeps only what Baker reads.
             .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
             .then(move |event| async move {
                 if let Some(lag) = lag {
