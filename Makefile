@@ -21,36 +21,11 @@ rig-status: ## show the rig's processes and ports
 test: ## all tests against the rig (brought up, and down at the end, if it was not up); CARGO_TEST_ARGS passes through
 	tests/rig/run-tests.sh
 
-bench: ## scale benchmark on the rig, full size, release operator (10-20 min): table, and target/bench/report.json
-	@$(call bench_run,full,release,--release)
+bench: ## scale benchmark on the rig, full size, release operator (about 35 min): table, and target/bench/report.json
+	tests/rig/bench.sh full
 
-bench-ci: ## the same at small size with the debug operator; fails if a deterministic count misses its goal
-	@$(call bench_run,small,debug,)
-
-# $(1) size, $(2) profile directory, $(3) cargo flag. The operator is timed as it builds, then
-# copied out of the (possibly shared) target dir so that no concurrent build replaces it
-# mid-run. The harness only drives the rig: the dev profile, run directly rather than under
-# `cargo bench`, so that `rig.sh up` can take cargo's lock to build the node. The rig is brought
-# up as `make test` does it, and down at the end only if it was not up before.
-define bench_run
-target=$${CARGO_TARGET_DIR:-target}; built=$$target/$(2)/baker; \
-cold=$$([ -x "$$built" ] && echo false || echo true); \
-t0=$${EPOCHREALTIME/,/.}; cargo build $(3) --bin baker; t1=$${EPOCHREALTIME/,/.}; \
-mkdir -p target/bench; cp "$$built" target/bench/baker-$(1); \
-harness=$$(cargo bench --profile dev --bench scale --no-run --message-format=json-render-diagnostics \
-	| grep '"kind":\["bench"\]' | grep '"name":"scale"' | sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1); \
-[ -n "$$harness" ] || { echo "make bench: cargo did not report the bench executable" >&2; exit 1; }; \
-rig_rc=0; $(RIG) status >/dev/null 2>&1 || rig_rc=$$?; started=0; [ "$$rig_rc" != 3 ] || started=1; \
-trap 'rc=$$?; if [ "$$started" = 1 ]; then $(RIG) down || rc=1; fi; exit $$rc' EXIT; \
-[ "$$started" = 0 ] || echo "[make bench] no rig: bringing one up; it is taken down at the end" >&2; \
-$(RIG) up; \
-state=$$(realpath -m "$${BAKER_RIG_DIR:-target/rig}"); \
-if [ -f "$$state/demo/operator.pid" ] && kill -0 "$$(cat "$$state/demo/operator.pid")" 2>/dev/null; then \
-	echo "[make bench] stopping the demo's operator (it watches every namespace); make demo starts it again" >&2; \
-	kill "$$(cat "$$state/demo/operator.pid")" || true; rm -f "$$state/demo/operator.pid"; fi; \
-BAKER_RIG_DIR=$$state BAKER_BIN=$$PWD/target/bench/baker-$(1) "$$harness" --size $(1) --build-profile $(2) --built-at "$$built" \
-	--build-seconds "$$(awk "BEGIN { print $$t1 - $$t0 }")" --build-cold "$$cold"
-endef
+bench-ci: ## the same at small size with the debug operator (a few minutes); fails if a count misses its goal
+	tests/rig/bench.sh small
 
 lint: fmt-check clippy ## rustfmt check and clippy with warnings as errors (`make -k lint` runs both even if one fails)
 
