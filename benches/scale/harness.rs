@@ -150,24 +150,18 @@ impl Bench {
                 .bakes
                 .list_metadata(&ListParams::default().labels(selector))
                 .await?
-                .items
-                .len();
-            if left == 0 {
+                .items;
+            if left.is_empty() {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{left} Bakes ({selector}) still there 120 s after their deletion");
+                bail!(
+                    "{} Bakes ({selector}) still there 120 s after their deletion",
+                    left.len()
+                );
             }
             // Bakes that got the finalizer back between the list and the delete (none should).
-            let names: Vec<String> = self
-                .bakes
-                .list_metadata(&ListParams::default().labels(selector))
-                .await?
-                .items
-                .iter()
-                .filter(|b| !b.finalizers().is_empty())
-                .map(|b| b.name_any())
-                .collect();
+            let names = holding_finalizers(&left);
             release(&self.bakes, &names, "removing").await?;
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
@@ -176,16 +170,8 @@ impl Bench {
     /// Strips every Bake's finalizer (the operators are gone, nothing else would) and deletes
     /// the namespace and the templates. Waits a bounded time for the namespace to go.
     pub async fn teardown(self) -> Result<()> {
-        let names: Vec<String> = self
-            .bakes
-            .list_metadata(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .filter(|b| !b.finalizers().is_empty())
-            .map(|b| b.name_any())
-            .collect();
-        release(&self.bakes, &names, "teardown: releasing").await?;
+        let listed = self.bakes.list_metadata(&ListParams::default()).await?.items;
+        release(&self.bakes, &holding_finalizers(&listed), "teardown: releasing").await?;
         let templates: Api<BakeTemplate> = Api::all(self.client.clone());
         for t in [&self.template, &self.parked_template] {
             match templates.delete(t, &DeleteParams::default()).await {
@@ -810,4 +796,13 @@ pub fn timeline_line(steps: &[serde_json::Value]) -> String {
         })
         .collect::<Vec<_>>()
         .join(" -> ")
+}
+
+/// The names of the listed Bakes that still hold a finalizer.
+fn holding_finalizers<K: ResourceExt>(listed: &[K]) -> Vec<String> {
+    listed
+        .iter()
+        .filter(|b| !b.finalizers().is_empty())
+        .map(|b| b.name_any())
+        .collect()
 }
