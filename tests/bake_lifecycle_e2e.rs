@@ -89,8 +89,8 @@ async fn identical_bakes_share_one_packer_run_and_rebake_makes_a_second_ami() ->
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn with_a_cap_of_two_six_bakes_never_run_more_than_two_pods_and_start_in_creation_order() -> Result<()>
-{
+async fn with_a_cap_of_two_six_bakes_never_run_more_than_two_pods_and_are_admitted_in_creation_order()
+-> Result<()> {
     let rig = rig();
     let client = rig.client().await?;
     let ns = namespace(rig, &client, "cap").await?;
@@ -98,6 +98,7 @@ async fn with_a_cap_of_two_six_bakes_never_run_more_than_two_pods_and_start_in_c
     let (proxy, template) =
         slow_template(rig, &client, &ns, Delay::All(Duration::from_millis(150)), "").await?;
     let watch = PodWatch::start(ns.api());
+    let launches = LaunchOrder::start(ns.api());
     let _operator = Operator::start_with(rig, ns.name(), &["--max-concurrent-bakes", "2"], &[]).await?;
 
     let names: Vec<String> = (1..=6).map(|i| format!("cap-{i}")).collect();
@@ -124,8 +125,7 @@ async fn with_a_cap_of_two_six_bakes_never_run_more_than_two_pods_and_start_in_c
     for name in &names {
         wait_for_phase(&bakes, name, BakePhase::Succeeded, BAKE_TIMEOUT).await?;
     }
-    let expected: Vec<String> = names.iter().map(|n| format!("bake-{n}")).collect();
-    assert_eq!(watch.order(), expected, "pods started in creation order");
+    assert_eq!(launches.order(), names, "Bakes admitted in creation order");
     assert!(
         watch.max_active() <= 2,
         "at most two bake pods at once, saw {}",

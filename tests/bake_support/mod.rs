@@ -693,6 +693,47 @@ impl Drop for PodWatch {
     }
 }
 
+/// Records the order in which the Bakes of a namespace got their launch record (`status.podName`).
+/// The operator writes launch records one at a time under its launch lock, so this is the order
+/// it admitted them in; the pods themselves are created after the lock is released, and two Bakes
+/// admitted together may create theirs in either order.
+pub struct LaunchOrder {
+    order: Arc<Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl LaunchOrder {
+    pub fn start(bakes: Api<Bake>) -> LaunchOrder {
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let o = order.clone();
+        let task = tokio::spawn(async move {
+            let stream = watcher(bakes, watcher::Config::default()).applied_objects();
+            futures::pin_mut!(stream);
+            while let Ok(Some(bake)) = stream.try_next().await {
+                let launched = bake.status.as_ref().is_some_and(|s| s.pod_name.is_some());
+                let name = bake.name_any();
+                if let Ok(mut order) = o.lock()
+                    && launched
+                    && !order.contains(&name)
+                {
+                    order.push(name);
+                }
+            }
+        });
+        LaunchOrder { order, task }
+    }
+
+    pub fn order(&self) -> Vec<String> {
+        self.order.lock().map(|o| o.clone()).unwrap_or_default()
+    }
+}
+
+impl Drop for LaunchOrder {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Registers `count` images named `<prefix>-<i>` in moto and tags them all at once.
 pub async fn register_images(
     ec2: &aws_sdk_ec2::Client,
