@@ -14,20 +14,41 @@ use aws_sdk_ec2::types::{Filter, Image};
 use crate::api::{ImageFilter, VirtualizationType};
 
 /// An EC2 failure, with the AWS error code when EC2 answered (e.g. `UnauthorizedOperation`),
-/// or a transport description when it did not.
-#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+/// or a transport description when it did not; the SDK's own error is kept as the source.
+#[derive(Debug, thiserror::Error, Clone)]
 #[error("EC2 {action} failed: {code}: {message}")]
 pub struct Ec2Error {
     pub action: &'static str,
     pub code: String,
     pub message: String,
+    #[source]
+    pub source: Option<std::sync::Arc<dyn std::error::Error + Send + Sync>>,
 }
 
+/// Equal when they say the same thing: the SDK's error behind it is not comparable.
+impl PartialEq for Ec2Error {
+    fn eq(&self, other: &Self) -> bool {
+        (self.action, &self.code, &self.message) == (other.action, &other.code, &other.message)
+    }
+}
+
+impl Eq for Ec2Error {}
+
 impl Ec2Error {
+    /// An error of `action` with this code and message and no SDK error behind it.
+    pub fn new(action: &'static str, code: impl Into<String>, message: impl Into<String>) -> Self {
+        Ec2Error {
+            action,
+            code: code.into(),
+            message: message.into(),
+            source: None,
+        }
+    }
+
     fn from_sdk<E, R>(action: &'static str, err: aws_sdk_ec2::error::SdkError<E, R>) -> Self
     where
-        E: ProvideErrorMetadata + std::error::Error + 'static,
-        R: std::fmt::Debug,
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
     {
         use aws_sdk_ec2::error::SdkError;
         let (code, message) = match &err {
@@ -54,6 +75,7 @@ impl Ec2Error {
             action,
             code,
             message,
+            source: Some(std::sync::Arc::new(err)),
         }
     }
 }
@@ -151,6 +173,7 @@ pub fn source_filters(filter: &ImageFilter, virtualization: VirtualizationType) 
 pub struct Ec2 {
     base: aws_config::SdkConfig,
     clients: Mutex<HashMap<String, aws_sdk_ec2::Client>>,
+    metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
 impl Ec2 {
@@ -164,7 +187,13 @@ impl Ec2 {
         Self {
             base,
             clients: Mutex::new(HashMap::new()),
+            metrics: std::sync::Arc::default(),
         }
+    }
+
+    /// Counts every call in `metrics` (the process's, served on `/metrics`).
+    pub fn with_metrics(self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        Self { metrics, ..self }
     }
 
     pub fn client(&self, region: &str) -> aws_sdk_ec2::Client {
@@ -188,7 +217,7 @@ impl Ec2 {
                             .operation_timeout(Duration::from_secs(60))
                             .build(),
                     )
-                    .interceptor(CallMetrics)
+                    .interceptor(CallMetrics(self.metrics.clone()))
                     .build();
                 aws_sdk_ec2::Client::from_conf(config)
             })
@@ -378,8 +407,13 @@ impl Ec2 {
 
 /// Counts every EC2 operation (after its retries) and its failures by action, in one place for
 /// all calls the operator makes.
-#[derive(Debug)]
-struct CallMetrics;
+struct CallMetrics(std::sync::Arc<crate::metrics::Metrics>);
+
+impl std::fmt::Debug for CallMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CallMetrics")
+    }
+}
 
 impl aws_sdk_ec2::config::Intercept for CallMetrics {
     fn name(&self) -> &'static str {
@@ -397,7 +431,7 @@ impl aws_sdk_ec2::config::Intercept for CallMetrics {
             .map(|m| m.name())
             .unwrap_or("other");
         let failed = !matches!(context.output_or_error(), Some(Ok(_)));
-        crate::metrics::global().ec2_call(action, failed);
+        self.0.ec2_call(action, failed);
         Ok(())
     }
 }

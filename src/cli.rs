@@ -7,7 +7,6 @@ use clap::{Parser, Subcommand, ValueEnum};
 use kube::ResourceExt;
 
 use crate::api::{self, Bake, BakeTemplate};
-use crate::aws::Ec2;
 use crate::config::OperatorConfig;
 use crate::packer::{self, BakeIdentity, RenderInput, ResolvedSource};
 
@@ -225,21 +224,16 @@ pub async fn execute(cli: Cli) -> Result<(), CliError> {
             log_format,
         } => {
             init_tracing(log_format);
-            let client = crate::operator::client().await?;
+            let metrics = std::sync::Arc::new(crate::metrics::Metrics::new());
+            let client = crate::operator::client(metrics.clone()).await?;
             let aws = aws_config::load_defaults(aws_config::BehaviorVersion::latest()).await;
-            let catalog_ctx = std::sync::Arc::new(crate::catalog::controller::Context::new(
-                client.clone(),
-                Ec2::new(aws.clone()),
-                &config,
-            ));
-            let ec2 = Ec2::new(aws);
             tracing::info!(
                 packer_image = %config.packer_image,
                 credentials_secret = config.aws_credentials_secret.is_some(),
                 ec2_endpoint = config.ec2_endpoint.as_deref().unwrap_or("default"),
                 "starting the Bake and AmiCatalog controllers"
             );
-            Ok(crate::operator::run(client, ec2, catalog_ctx, config, serve).await?)
+            Ok(crate::operator::run(client, aws, metrics, config, serve).await?)
         }
     }
 }

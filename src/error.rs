@@ -1,97 +1,72 @@
-//! Errors of the reconcilers, named for the action that failed, each with a bounded category for
-//! metric labels and log fields (never the object name or the nested message).
+//! What the controllers' errors share: a bounded category, for metric labels and log fields
+//! (never the object's name or the nested message). Each controller has its own error type
+//! (`bake::Error`, `catalog::Error`) that keeps the failure it wraps as its source.
 
-use crate::aws::Ec2Error;
-
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    #[error("the object has no {0}")]
-    MissingField(&'static str),
-
-    /// The launch decision kept asking for facts; a bug, reported rather than looped on.
-    #[error("the launch decision asked for more facts than a reconcile gathers")]
-    Undecided,
-
-    #[error("reading the Bake failed: {0}")]
-    GetBake(#[source] kube::Error),
-
-    #[error("creating the template ConfigMap failed: {0}")]
-    CreateConfigMap(#[source] kube::Error),
-
-    #[error("creating the bake pod failed: {0}")]
-    CreatePod(#[source] kube::Error),
-
-    #[error("writing Bake status failed: {0}")]
-    PatchStatus(#[source] kube::Error),
-
-    #[error("updating the Bake's finalizers failed: {0}")]
-    PatchFinalizers(#[source] kube::Error),
-
-    /// A write guarded by resourceVersion met a newer object: the cached copy was behind. Not a
-    /// failure; the reconciler runs again on the newer copy.
-    #[error("the cached Bake is older than the API server's (writing {0}); retrying with the newer one")]
-    Conflict(&'static str),
-
-    #[error("writing AmiCatalog status failed: {0}")]
-    PatchCatalogStatus(#[source] kube::Error),
-
-    #[error("the cache of {0} is not running")]
-    CacheNotReady(&'static str),
-
-    #[error("stopping the bake pod failed: {0}")]
-    DeletePod(#[source] kube::Error),
-
-    /// The name is held by the child of a deleted Bake of the same name that garbage collection
-    /// has not removed yet.
-    #[error("{kind} {name} still belongs to a deleted Bake of the same name; waiting for garbage collection")]
-    ChildOfPreviousBake { kind: &'static str, name: String },
-
-    #[error(transparent)]
-    Ec2(#[from] Ec2Error),
+/// The kinds of failure a reconcile can end in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::VariantArray)]
+#[strum(serialize_all = "snake_case")]
+pub enum Category {
+    /// The object cannot be acted on as it is; retried only when it changes.
+    InvalidObject,
+    KubeRead,
+    KubeWrite,
+    Ec2,
 }
 
-impl Error {
-    /// Every value [`Error::category`] returns, so metrics can show zeros for each.
-    pub const CATEGORIES: [&'static str; 4] = ["invalid_object", "kube_read", "kube_write", "ec2"];
-
-    /// A short, bounded label for metrics and logs.
-    pub fn category(&self) -> &'static str {
-        match self {
-            Error::MissingField(_) | Error::Undecided => "invalid_object",
-            Error::GetBake(_) | Error::CacheNotReady(_) => "kube_read",
-            Error::CreateConfigMap(_)
-            | Error::CreatePod(_)
-            | Error::PatchStatus(_)
-            | Error::PatchFinalizers(_)
-            | Error::Conflict(_)
-            | Error::PatchCatalogStatus(_)
-            | Error::DeletePod(_)
-            | Error::ChildOfPreviousBake { .. } => "kube_write",
-            Error::Ec2(_) => "ec2",
-        }
+impl Category {
+    pub fn as_str(self) -> &'static str {
+        self.into()
     }
 }
 
-pub type Result<T, E = Error> = std::result::Result<T, E>;
+/// An error a reconciler returns.
+pub trait ReconcileError: std::error::Error {
+    fn category(&self) -> Category;
+
+    /// A write met a newer object than the cached one: optimistic concurrency at work, not a
+    /// failure; the newer copy's watch event is on its way.
+    fn is_conflict(&self) -> bool {
+        false
+    }
+}
+
+/// Every error and each of its sources, joined: `%error` alone shows only the outermost.
+pub fn chain(error: &dyn std::error::Error) -> String {
+    let mut out = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        // thiserror messages often repeat their source already.
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = e.source();
+    }
+    out
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use strum::VariantArray;
 
     #[test]
-    fn every_category_is_listed() {
-        let errors = [
-            Error::MissingField("x"),
-            Error::CacheNotReady("Bakes"),
-            Error::PatchStatus(kube::Error::LinesCodecMaxLineLengthExceeded),
-            Error::Ec2(crate::aws::Ec2Error {
-                action: "DescribeImages",
-                code: "x".into(),
-                message: "y".into(),
-            }),
-        ];
-        for e in errors {
-            assert!(Error::CATEGORIES.contains(&e.category()), "{}", e.category());
-        }
+    fn categories_are_snake_case_labels() {
+        let labels: Vec<&str> = Category::VARIANTS.iter().map(|c| c.as_str()).collect();
+        assert_eq!(labels, ["invalid_object", "kube_read", "kube_write", "ec2"]);
+    }
+
+    #[test]
+    fn chain_shows_every_source_once() {
+        let e = crate::aws::Ec2Error::new("DescribeImages", "Throttling", "slow down");
+        assert_eq!(chain(&e), "EC2 DescribeImages failed: Throttling: slow down");
+        let io = std::io::Error::other("connection reset");
+        let wrapped = crate::k8s::WriteError::Api(kube::Error::Service(Box::new(io)));
+        assert!(
+            chain(&wrapped).ends_with("connection reset"),
+            "{}",
+            chain(&wrapped)
+        );
     }
 }

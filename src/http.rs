@@ -13,6 +13,7 @@ use axum::routing::get;
 use kube::runtime::reflector::Store;
 
 use crate::api::{AmiCatalog, Bake};
+use crate::metrics::Metrics;
 
 /// What this process is doing with respect to the leader lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,19 +55,26 @@ pub struct Health {
     role: AtomicU8,
     bakes: OnceLock<Store<Bake>>,
     catalogs: OnceLock<Store<AmiCatalog>>,
+    /// The process's metrics, served on `/metrics`.
+    pub metrics: Arc<Metrics>,
 }
 
 impl Default for Health {
     fn default() -> Self {
-        Self {
-            role: AtomicU8::new(Role::Single as u8),
-            bakes: OnceLock::new(),
-            catalogs: OnceLock::new(),
-        }
+        Self::new(Arc::default())
     }
 }
 
 impl Health {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        Self {
+            role: AtomicU8::new(Role::Single as u8),
+            bakes: OnceLock::new(),
+            catalogs: OnceLock::new(),
+            metrics,
+        }
+    }
+
     pub fn caches_synced(&self, bakes: Store<Bake>) {
         let _ = self.bakes.set(bakes);
     }
@@ -78,7 +86,7 @@ impl Health {
 
     pub fn set_role(&self, role: Role) {
         self.role.store(role as u8, Ordering::SeqCst);
-        crate::metrics::global()
+        self.metrics
             .leader
             .set(i64::from(matches!(role, Role::Leader | Role::Single)));
     }
@@ -125,7 +133,7 @@ async fn readyz(State(health): State<Arc<Health>>) -> Response {
 }
 
 async fn metrics(State(health): State<Arc<Health>>) -> Response {
-    let m = crate::metrics::global();
+    let m = &health.metrics;
     if let Some(store) = health.bakes() {
         let bakes = store.state();
         m.observe_bakes(bakes.iter().map(|b| b.as_ref()));

@@ -15,6 +15,7 @@ pub mod failpoint;
 #[cfg(test)]
 mod fixtures;
 pub mod http;
+pub mod k8s;
 pub mod leader;
 pub mod metrics;
 pub mod operator;

@@ -2,8 +2,6 @@
 //! reason, an error category, an EC2 API action name): never an object name, a message or an id,
 //! so the number of series stays fixed however many Bakes the cluster holds.
 
-use std::sync::LazyLock;
-
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -25,9 +23,26 @@ pub struct ResultLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct CategoryLabels {
+pub struct ControllerLabels {
+    /// `bake` or `catalog`.
+    pub controller: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub controller: &'static str,
+    /// An [`crate::error::Category`].
     pub category: &'static str,
 }
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabels {
+    /// `Bake`, `BakeTemplate`, `AmiCatalog` or `Pod`.
+    pub kind: &'static str,
+}
+
+/// The controllers, as metric labels.
+pub const CONTROLLERS: [&str; 2] = ["bake", "catalog"];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabels {
@@ -52,6 +67,13 @@ pub const PHASES: [BakePhase; 5] = [
     BakePhase::Failed,
 ];
 
+/// Reconciles read caches and make a few requests: buckets from 1 ms to about 16 s.
+fn reconcile_histogram() -> Histogram {
+    Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
+        0.001, 2.0, 15,
+    ))
+}
+
 /// Bake durations run from minutes to hours: buckets from 30 s to about 4.5 h.
 fn duration_histogram() -> Histogram {
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -64,8 +86,10 @@ pub struct Metrics {
     pub bakes: Family<PhaseLabels, Gauge>,
     pub bakes_finished: Family<ResultLabels, Counter>,
     pub bake_duration: Family<ResultLabels, Histogram, fn() -> Histogram>,
-    pub reconciles: Counter,
-    pub reconcile_errors: Family<CategoryLabels, Counter>,
+    pub reconciles: Family<ControllerLabels, Counter>,
+    pub reconcile_errors: Family<ErrorLabels, Counter>,
+    pub reconcile_duration: Family<ControllerLabels, Histogram, fn() -> Histogram>,
+    pub invalid_objects: Family<KindLabels, Counter>,
     pub ec2_calls: Family<ActionLabels, Counter>,
     pub ec2_errors: Family<ActionLabels, Counter>,
     pub kube_requests: Family<KubeRequestLabels, Counter>,
@@ -88,8 +112,10 @@ impl Metrics {
             bakes: Family::default(),
             bakes_finished: Family::default(),
             bake_duration: Family::new_with_constructor(duration_histogram as fn() -> Histogram),
-            reconciles: Counter::default(),
+            reconciles: Family::default(),
             reconcile_errors: Family::default(),
+            reconcile_duration: Family::new_with_constructor(reconcile_histogram as fn() -> Histogram),
+            invalid_objects: Family::default(),
             ec2_calls: Family::default(),
             ec2_errors: Family::default(),
             kube_requests: Family::default(),
@@ -112,11 +138,25 @@ impl Metrics {
             "Seconds from a Bake's start to its terminal phase, by phase and reason",
             m.bake_duration.clone(),
         );
-        registry.register("reconciles", "Reconciliations of Bakes", m.reconciles.clone());
+        registry.register(
+            "reconciles",
+            "Reconciliations, by controller",
+            m.reconciles.clone(),
+        );
         registry.register(
             "reconcile_errors",
-            "Failed reconciliations of Bakes, by error category",
+            "Failed reconciliations, by controller and error category",
             m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Seconds one reconciliation took, by controller",
+            m.reconcile_duration.clone(),
+        );
+        registry.register(
+            "invalid_objects",
+            "Objects the watch could not read (they do not match Baker's types) and left out of the cache, by kind",
+            m.invalid_objects.clone(),
         );
         registry.register(
             "ec2_calls",
@@ -148,10 +188,16 @@ impl Metrics {
             "1 while this process holds the leader lease (or runs without leader election)",
             m.leader.clone(),
         );
-        for category in crate::error::Error::CATEGORIES {
-            m.reconcile_errors
-                .get_or_create(&CategoryLabels { category })
-                .get();
+        for controller in CONTROLLERS {
+            m.reconciles.get_or_create(&ControllerLabels { controller }).get();
+            for category in <crate::error::Category as strum::VariantArray>::VARIANTS {
+                m.reconcile_errors
+                    .get_or_create(&ErrorLabels {
+                        controller,
+                        category: category.as_str(),
+                    })
+                    .get();
+            }
         }
         for phase in PHASES {
             m.bakes
@@ -200,6 +246,28 @@ impl Metrics {
         if let Some(s) = seconds {
             self.bake_duration.get_or_create(&labels).observe(s.max(0.0));
         }
+    }
+
+    /// Records one reconcile of `controller` that took `seconds`, and its error's category.
+    pub fn reconciled(&self, controller: &'static str, seconds: f64, error: Option<crate::error::Category>) {
+        let labels = ControllerLabels { controller };
+        self.reconciles.get_or_create(&labels).inc();
+        self.reconcile_duration
+            .get_or_create(&labels)
+            .observe(seconds.max(0.0));
+        if let Some(category) = error {
+            self.reconcile_errors
+                .get_or_create(&ErrorLabels {
+                    controller,
+                    category: category.as_str(),
+                })
+                .inc();
+        }
+    }
+
+    /// Records an object the watch could not read.
+    pub fn invalid_object(&self, kind: &'static str) {
+        self.invalid_objects.get_or_create(&KindLabels { kind }).inc();
     }
 
     /// Records one request to the Kubernetes API server.
@@ -301,13 +369,6 @@ pub fn bounded_action(action: &str) -> String {
     } else {
         "other".to_string()
     }
-}
-
-/// The process's metrics; the EC2 interceptor and the controller record here.
-pub static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
-
-pub fn global() -> &'static Metrics {
-    &METRICS
 }
 
 #[cfg(test)]
@@ -468,18 +529,18 @@ mod tests {
     }
 
     #[test]
-    fn reconcile_errors_are_labelled_by_category() {
+    fn reconciles_are_counted_and_timed_per_controller_and_errors_labelled_by_category() {
         let m = Metrics::new();
-        let e = crate::error::Error::MissingField("metadata.uid");
-        m.reconcile_errors
-            .get_or_create(&CategoryLabels {
-                category: e.category(),
-            })
-            .inc();
+        m.reconciled("catalog", 0.002, Some(crate::error::Category::InvalidObject));
+        m.reconciled("bake", 0.5, None);
         let text = m.render();
-        assert!(
-            text.contains("baker_reconcile_errors_total{category=\"invalid_object\"} 1"),
-            "{text}"
-        );
+        for line in [
+            "baker_reconcile_errors_total{controller=\"catalog\",category=\"invalid_object\"} 1",
+            "baker_reconcile_errors_total{controller=\"bake\",category=\"invalid_object\"} 0",
+            "baker_reconciles_total{controller=\"bake\"} 1",
+            "baker_reconcile_duration_seconds_count{controller=\"catalog\"} 1",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 }

@@ -13,6 +13,7 @@ use crate::bake::watch::Caches;
 use crate::config::OperatorConfig;
 use crate::http::{self, Health, Role};
 use crate::leader::{self, LeaderElector, LeaderError};
+use crate::metrics::Metrics;
 use crate::seed;
 
 /// Settings of the process around the controllers: HTTP and leader election.
@@ -76,10 +77,10 @@ pub enum OperatorError {
 
 /// The Kubernetes client the operator uses: the inferred configuration (in-cluster, or the
 /// kubeconfig), with every request counted in `baker_kube_requests_total`.
-pub async fn client() -> Result<kube::Client, ClientError> {
+pub async fn client(metrics: Arc<Metrics>) -> Result<kube::Client, ClientError> {
     let config = kube::Config::infer().await?;
-    let count = tower::util::MapRequestLayer::new(|request: ::http::Request<kube::client::Body>| {
-        crate::metrics::global().kube_request(request.method(), request.uri());
+    let count = tower::util::MapRequestLayer::new(move |request: ::http::Request<kube::client::Body>| {
+        metrics.kube_request(request.method(), request.uri());
         request
     });
     Ok(kube::client::ClientBuilder::try_from(config)?
@@ -115,12 +116,19 @@ async fn shutdown_signal() {
 /// process exits and Kubernetes restarts it as a standby).
 pub async fn run(
     client: kube::Client,
-    ec2: Ec2,
-    catalogs: Arc<crate::catalog::controller::Context>,
+    aws: aws_config::SdkConfig,
+    metrics: Arc<Metrics>,
     config: OperatorConfig,
     serve: ServeConfig,
 ) -> Result<(), OperatorError> {
-    let health = Arc::new(Health::default());
+    let health = Arc::new(Health::new(metrics.clone()));
+    let ec2 = || Ec2::new(aws.clone()).with_metrics(metrics.clone());
+    let catalogs = Arc::new(crate::catalog::controller::Context::new(
+        client.clone(),
+        ec2(),
+        &config,
+        metrics.clone(),
+    ));
     let server = if serve.http_addr.is_empty() {
         None
     } else {
@@ -172,9 +180,13 @@ pub async fn run(
 
     let watch_namespace = config.watch_namespace.clone();
     let caches = Caches::new();
-    let mut ctx = Context::new(client.clone(), ec2, config, caches.stores());
-    ctx.health = health.clone();
-    let ctx = Arc::new(ctx);
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        ec2(),
+        config,
+        caches.stores(),
+        health.clone(),
+    ));
     // The caches fill from the start, on a standby too: one that takes over has them warm.
     let cached = caches.run(client.clone(), watch_namespace.as_deref(), health.clone());
     tokio::pin!(cached, server_failed);

@@ -83,7 +83,20 @@ impl VirtualizationType {
 }
 
 /// Where a Bake is in its life.
-#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema, Default)]
+#[derive(
+    Serialize,
+    Deserialize,
+    Clone,
+    Copy,
+    Debug,
+    PartialEq,
+    Eq,
+    Hash,
+    schemars::JsonSchema,
+    Default,
+    strum::IntoStaticStr,
+    strum::EnumString,
+)]
 pub enum BakePhase {
     /// Accepted; waiting for its template, source image or bake pod to start.
     #[default]
@@ -97,17 +110,16 @@ pub enum BakePhase {
     Succeeded,
     /// The bake ended without an AMI; `message` says why.
     Failed,
+    /// A phase this version of Baker does not know (written by a newer one): read, never written,
+    /// so an older replica during an upgrade neither fails to read the Bake nor stops its watch.
+    #[serde(other)]
+    #[schemars(skip)]
+    Unknown,
 }
 
 impl BakePhase {
     pub fn as_str(self) -> &'static str {
-        match self {
-            BakePhase::Pending => "Pending",
-            BakePhase::Queued => "Queued",
-            BakePhase::Running => "Running",
-            BakePhase::Succeeded => "Succeeded",
-            BakePhase::Failed => "Failed",
-        }
+        self.into()
     }
 
     pub fn is_terminal(self) -> bool {
@@ -192,5 +204,19 @@ pub struct ReusedImage {
 impl Bake {
     pub fn phase(&self) -> Option<BakePhase> {
         self.status.as_ref().and_then(|s| s.phase)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_phase_from_a_newer_baker_reads_as_unknown_and_is_not_terminal() {
+        let phase: BakePhase = serde_json::from_value(serde_json::json!("Frozen")).expect("any phase reads");
+        assert_eq!(phase, BakePhase::Unknown);
+        assert!(!phase.is_terminal());
+        let known: BakePhase = serde_json::from_value(serde_json::json!("Succeeded")).expect("reads");
+        assert_eq!(known.as_str(), "Succeeded");
     }
 }

@@ -11,10 +11,11 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use tracing::{info, warn};
 
-use super::controller::{BakeRef, Context, delete_pod, now, publish};
+use super::context::{BakeRef, Context};
+use super::error::Result;
 use super::pod;
 use crate::api::{Bake, keys};
-use crate::error::Result;
+use crate::k8s::now;
 use crate::usage;
 
 fn pod_is_done(pod: &Pod) -> bool {
@@ -58,12 +59,11 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
         if waited < bound {
             if pod.metadata.deletion_timestamp.is_none() {
                 // A refused delete is retried until the bound, then reported below.
-                match delete_pod(ctx, &pod, grace).await {
+                match ctx.delete_pod(&pod, grace).await {
                     Ok(()) => {
                         info!(pod = %pod_name, grace, "stopping bake pod of deleted Bake");
-                        publish(
+                        ctx.publish(
                             &b,
-                            ctx,
                             EventType::Normal,
                             "Cancelling",
                             format!("stopping bake pod {pod_name}; packer has {grace}s to clean up"),
@@ -76,10 +76,7 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
             return Ok(Cleanup::Pending(Action::requeue(Duration::from_secs(2))));
         }
         warn!(pod = %pod_name, waited, "bake pod did not stop; releasing the Bake without it");
-        publish(
-            &b,
-            ctx,
-            EventType::Warning,
+        ctx.publish(&b, EventType::Warning,
             "PodStopIncomplete",
             format!(
                 "bake pod {pod_name} did not stop within {bound}s of the Bake's deletion (a delete refused, a finalizer on the pod, or a node that is gone); the Bake is released and EC2 is swept now. Check the pod: packer may still be running"
@@ -125,9 +122,8 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
         Ok((report, kept)) => {
             if let Some((ami, reason)) = kept {
                 info!(image = %ami, reason = %reason, "kept the deleted Bake's image: still used");
-                publish(
+                ctx.publish(
                     &b,
-                    ctx,
                     EventType::Normal,
                     "ImageKept",
                     format!("deregisterImageOnDelete: kept {ami}, still {reason}"),
@@ -136,9 +132,8 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
             }
             if !report.is_empty() {
                 info!(removed = %report.describe(), "swept EC2 for deleted Bake");
-                publish(
+                ctx.publish(
                     &b,
-                    ctx,
                     EventType::Normal,
                     "Cleaned",
                     format!("removed {}", report.describe()),
@@ -150,9 +145,8 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
         Err(e) => {
             if waited < ctx.config.cleanup_timeout_seconds {
                 warn!(error = %e, waited, "EC2 cleanup failed; retrying");
-                publish(
+                ctx.publish(
                     &b,
-                    ctx,
                     EventType::Warning,
                     "CleanupRetrying",
                     format!("EC2 cleanup failed, retrying: {e}"),
@@ -161,10 +155,7 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
                 return Ok(Cleanup::Pending(Action::requeue(Duration::from_secs(10))));
             }
             warn!(error = %e, waited, "giving up EC2 cleanup; releasing the Bake");
-            publish(
-                &b,
-                ctx,
-                EventType::Warning,
+            ctx.publish(&b, EventType::Warning,
                 "CleanupIncomplete",
                 format!(
                     "gave up after {waited}s ({e}); instances, security groups, key pairs and volumes tagged {}={} in {region} may have leaked",

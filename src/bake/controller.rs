@@ -5,36 +5,33 @@
 //! and `status.podUid` once the pod is seen. A Bake with a recorded pod UID whose pod is gone is
 //! never baked again; its AMI, if any, is found in EC2 by the Bake's UID tag.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::ObjectRef;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, instrument, warn};
 
+use super::context::{BakeRef, locked};
+pub use super::context::{Context, FINALIZER};
+use super::error::{Error, Result};
 use super::launch;
 use super::pod::{self, PodInput};
-use super::queue::{self, Expectations};
+use super::queue;
 use super::status::{self, PodOutcome, Reason, Transition};
-use super::watch::{Caches, Stores};
+use super::watch::Caches;
 use crate::api::bake::ReusedImage;
 use crate::api::{Bake, BakeStatus, BakeTemplate, keys};
-use crate::aws::Ec2;
-use crate::config::OperatorConfig;
-use crate::error::{Error, Result};
 use crate::failpoint;
+use crate::k8s::{FIELD_MANAGER, now};
 use crate::packer;
-
-/// The field manager of every write Baker makes.
-pub const FIELD_MANAGER: &str = "baker";
 
 /// Bakes reconciled at once.
 const CONCURRENCY: u16 = 32;
@@ -46,142 +43,23 @@ const IMAGE_VISIBILITY_GRACE: Duration = Duration::from_secs(300);
 /// that does not see it creates the Bake's children again (create-if-absent, so harmless).
 const POD_CACHE_GRACE: Duration = Duration::from_secs(30);
 
-/// Shared state of the Bake controller.
-pub struct Context {
-    pub client: Client,
-    pub ec2: Ec2,
-    pub config: OperatorConfig,
-    pub recorder: Recorder,
-    /// The process's caches of Bakes, bake pods and BakeTemplates.
-    pub stores: Stores,
-    /// Held while deciding whether a Bake may launch and recording that it did.
-    pub launch_lock: tokio::sync::Mutex<()>,
-    /// Launches and releases this process made that the Bake cache may not show yet.
-    expectations: Mutex<Expectations>,
-    /// Bakes whose pod this process created, and when: until the pod cache shows the pod, a
-    /// reconcile need not create it again.
-    created: Mutex<HashMap<String, Instant>>,
-    /// Refusals of a Bake's children by the API server so far, per Bake UID.
-    rejections: Mutex<HashMap<String, u32>>,
-    /// Bakes (by UID) last seen unfinished: only their end frees a slot. A finished Bake listed
-    /// again at a relist wakes nothing, so a relist costs one pass over the cache, not one per Bake.
-    unfinished: Mutex<std::collections::HashSet<String>>,
-    /// Bakes to reconcile now, for wake-ups the watch cannot deliver (a deleted Bake's slot).
-    wake: futures::channel::mpsc::UnboundedSender<ObjectRef<Bake>>,
-    woken: Mutex<Option<futures::channel::mpsc::UnboundedReceiver<ObjectRef<Bake>>>>,
-    /// Cache readiness and leadership, for `/readyz` and `/metrics`.
-    pub health: Arc<crate::http::Health>,
-}
-
-/// Locks a mutex whose data stays valid even if a holder panicked (plain maps and sets).
-fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The Event recorder both controllers use: controller `baker`, instance the pod's name, so
-/// Events say which replica acted.
-pub fn recorder(client: &Client) -> Recorder {
-    let reporter = Reporter {
-        controller: "baker".into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
-    Recorder::new(client.clone(), reporter)
-}
-
-impl Context {
-    pub fn new(client: Client, ec2: Ec2, config: OperatorConfig, stores: Stores) -> Self {
-        let recorder = recorder(&client);
-        let (wake, woken) = futures::channel::mpsc::unbounded();
-        Self {
-            client,
-            ec2,
-            config,
-            recorder,
-            stores,
-            launch_lock: tokio::sync::Mutex::new(()),
-            expectations: Mutex::new(Expectations::default()),
-            created: Mutex::new(HashMap::new()),
-            rejections: Mutex::new(HashMap::new()),
-            unfinished: Mutex::new(std::collections::HashSet::new()),
-            wake,
-            woken: Mutex::new(Some(woken)),
-            health: Arc::new(crate::http::Health::default()),
-        }
-    }
-
-    /// The Bakes the launch gate decides against for a Bake with `key`: every unfinished one, and
-    /// the finished ones with that key (the only finished ones that matter), from the cache with
-    /// this process's own launches and releases laid over it. No API request; a finished Bake of
-    /// another key costs one comparison.
-    fn bake_views(&self, key: &str) -> Vec<queue::BakeView> {
-        let cached = self
-            .stores
-            .bakes
-            .state()
-            .iter()
-            .filter(|b| {
-                !b.phase().is_some_and(|p| p.is_terminal())
-                    || b.status.as_ref().and_then(|s| s.bake_key.as_deref()) == Some(key)
-            })
-            .map(|b| queue::BakeView::from_bake(b))
-            .collect();
-        locked(&self.expectations).overlay(cached)
-    }
-
-    /// Reconciles these Bakes soon (they may be able to start now).
-    fn wake_all(&self, bakes: Vec<Arc<Bake>>) {
-        for b in bakes {
-            // Fails only once the controller stopped: nothing left to wake.
-            let _ = self.wake.unbounded_send(ObjectRef::from_obj(&*b));
-        }
-    }
-}
-
-pub(crate) fn now() -> Time {
-    Time(jiff::Timestamp::now())
-}
-
-pub(crate) struct BakeRef<'a> {
-    pub(crate) bake: &'a Bake,
-    pub(crate) name: String,
-    pub(crate) namespace: String,
-    pub(crate) uid: String,
-}
-
-impl<'a> BakeRef<'a> {
-    pub(crate) fn new(bake: &'a Bake) -> Result<Self> {
-        Ok(Self {
-            bake,
-            name: bake.name_any(),
-            namespace: bake
-                .namespace()
-                .ok_or(Error::MissingField("metadata.namespace"))?,
-            uid: bake.uid().ok_or(Error::MissingField("metadata.uid"))?,
-        })
-    }
-
-    pub(crate) fn status(&self) -> Option<&'a BakeStatus> {
-        self.bake.status.as_ref()
-    }
-}
-
-/// The finalizer that lets a deleted Bake stop its pod and sweep EC2 before it goes.
-pub const FINALIZER: &str = "baker.io/cleanup";
-
 /// Reconciles one Bake.
 #[instrument(skip_all, fields(bake = %bake.name_any(), namespace = bake.namespace().unwrap_or_default()))]
 pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
-    crate::metrics::global().reconciles.inc();
     // Until every cache has synced, a pod missing from the cache may just not be listed yet.
     ctx.stores.synced.wait().await;
+    crate::k8s::measured(ctx.metrics(), "bake", reconcile_inner(&bake, &ctx)).await
+}
+
+async fn reconcile_inner(bake: &Bake, ctx: &Context) -> Result<Action> {
     let has_finalizer = bake.finalizers().iter().any(|f| f == FINALIZER);
     if bake.metadata.deletion_timestamp.is_some() {
         if !has_finalizer {
             return Ok(Action::await_change());
         }
-        return match super::cleanup::cleanup(&bake, &ctx).await? {
+        return match super::cleanup::cleanup(bake, ctx).await? {
             super::cleanup::Cleanup::Done => {
-                set_finalizer(&bake, &ctx, false).await?;
+                set_finalizer(bake, ctx, false).await?;
                 // Its slot (or the image others waited for) is free: the watch delivers no event
                 // for a Bake that is gone, so wake the waiting Bakes from here.
                 if let Some(uid) = bake.uid() {
@@ -191,7 +69,7 @@ pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
                     locked(&ctx.rejections).remove(&uid);
                     locked(&ctx.unfinished).remove(&uid);
                 }
-                ctx.wake_all(queue::wake_on_end(&bake, &ctx.stores.bakes.state()));
+                ctx.wake_all(queue::wake_on_end(bake, &ctx.stores.bakes.state()));
                 Ok(Action::await_change())
             }
             super::cleanup::Cleanup::Pending(action) => Ok(action),
@@ -200,10 +78,10 @@ pub async fn reconcile(bake: Arc<Bake>, ctx: Arc<Context>) -> Result<Action> {
     if !has_finalizer {
         // The write's own watch event brings the Bake back with the finalizer: going on from this
         // copy would do the work twice (the next pass would not see this one's status yet).
-        set_finalizer(&bake, &ctx, true).await?;
+        set_finalizer(bake, ctx, true).await?;
         return Ok(Action::await_change());
     }
-    apply(&bake, &ctx).await
+    apply(bake, ctx).await
 }
 
 /// Adds or removes Baker's finalizer, guarded by the resourceVersion so a concurrent change to
@@ -436,7 +314,7 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     launched.region = Some(prepared.region.clone());
     launched.bake_key = Some(prepared.keyed.key.clone());
     launched.started_at = launched.started_at.or_else(|| Some(now()));
-    write_status(b, ctx, &launched).await?;
+    ctx.write_status(b, &launched).await?;
     let mut me = queue::BakeView::from_bake(b.bake);
     me.key = Some(prepared.keyed.key.clone());
     me.launched = true;
@@ -449,9 +327,8 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
         return finish(b, ctx, t, None).await;
     }
     info!(pod = %pod_name, key = %prepared.keyed.key, "launched bake pod");
-    publish(
+    ctx.publish(
         b,
-        ctx,
         EventType::Normal,
         "Launched",
         format!(
@@ -604,12 +481,11 @@ async fn refused(
         _ => return Err(Refusal::Retry(e)),
     };
     let (attempt, attempts) = count_attempt(b, ctx);
-    let text = status::truncate(&message, 600);
+    let text = crate::k8s::truncate(&message, 600);
     if attempt < attempts {
         warn!(kind, attempt, error = %text, "the API server refused a child of the Bake; retrying");
-        publish(
+        ctx.publish(
             b,
-            ctx,
             EventType::Warning,
             Reason::PodRejected.as_str(),
             format!("the API server refused the bake {kind} (attempt {attempt} of {attempts}): {text}"),
@@ -809,27 +685,7 @@ async fn stop_unstarted_pod(ctx: &Context, pod: &Pod) -> Result<()> {
     if pod.metadata.deletion_timestamp.is_some() {
         return Ok(());
     }
-    delete_pod(ctx, pod, 0).await
-}
-
-/// Deletes this very pod (its UID as a precondition, so a newer pod of the same name is never
-/// hit) with `grace` seconds to stop; one already gone or replaced is not an error.
-pub(crate) async fn delete_pod(ctx: &Context, pod: &Pod, grace: i64) -> Result<()> {
-    let namespace = pod.namespace().unwrap_or_default();
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &namespace);
-    let params = kube::api::DeleteParams {
-        grace_period_seconds: u32::try_from(grace.max(0)).ok(),
-        preconditions: Some(kube::api::Preconditions {
-            uid: pod.uid(),
-            resource_version: None,
-        }),
-        ..Default::default()
-    };
-    match pods.delete(&pod.name_any(), &params).await {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-        Err(e) => Err(Error::DeletePod(e)),
-    }
+    ctx.delete_pod(pod, 0).await
 }
 
 fn pod_finished_at(pod: &Pod) -> Option<jiff::Timestamp> {
@@ -992,7 +848,7 @@ async fn write_if_changed(
 ) -> Result<Action> {
     let previous = b.status();
     if previous != Some(&next) {
-        write_status(b, ctx, &next).await?;
+        ctx.write_status(b, &next).await?;
         if next.phase.is_some_and(|p| p.is_terminal()) {
             locked(&ctx.expectations).finished(&b.uid);
         }
@@ -1004,7 +860,8 @@ async fn write_if_changed(
                 .or(b.bake.metadata.creation_timestamp.as_ref())
                 .map(|t| t.0);
             let seconds = since.map(|s| jiff::Timestamp::now().duration_since(s).as_secs_f64());
-            crate::metrics::global().bake_finished(t.reason.phase(), t.reason.as_str(), seconds);
+            ctx.metrics()
+                .bake_finished(t.reason.phase(), t.reason.as_str(), seconds);
         }
         let previous_reason = previous
             .and_then(|s| crate::api::conditions::find(&s.conditions, crate::api::conditions::READY))
@@ -1015,72 +872,14 @@ async fn write_if_changed(
             } else {
                 EventType::Normal
             };
-            publish(b, ctx, type_, t.reason.as_str(), t.message.clone()).await;
+            ctx.publish(b, type_, t.reason.as_str(), t.message.clone()).await;
         }
     }
     Ok(requeue_for(t.reason))
 }
 
-async fn write_status(b: &BakeRef<'_>, ctx: &Context, status: &BakeStatus) -> Result<()> {
-    let api: Api<Bake> = Api::namespaced(ctx.client.clone(), &b.namespace);
-    // The UID makes the write a precondition: a Bake deleted and recreated under the same name
-    // while this reconcile ran must never get the old one's status.
-    let patch = json!({
-        "apiVersion": Bake::api_version(&()),
-        "kind": Bake::kind(&()),
-        "metadata": { "uid": b.uid },
-        "status": status,
-    });
-    api.patch_status(
-        &b.name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await
-    .map_err(|e| uid_conflict(e, "Bake status").unwrap_or_else(Error::PatchStatus))?;
-    Ok(())
-}
-
-/// A write refused because the object of that name is another incarnation (its UID is not the
-/// one in the patch): a conflict, not a failure; the next reconcile sees the new object.
-pub(crate) fn uid_conflict(e: kube::Error, what: &'static str) -> std::result::Result<Error, kube::Error> {
-    match e {
-        kube::Error::Api(s) if (s.code == 422 || s.code == 409) && s.message.contains("metadata.uid") => {
-            Ok(Error::Conflict(what))
-        }
-        e => Err(e),
-    }
-}
-
-/// Events are best effort: a failure to record one must not fail the bake.
-pub(crate) async fn publish(b: &BakeRef<'_>, ctx: &Context, type_: EventType, reason: &str, note: String) {
-    let event = Event {
-        type_,
-        reason: reason.into(),
-        // The Events API rejects notes over 1 KiB.
-        note: Some(status::truncate(&note, 1000)),
-        action: "Reconcile".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &b.bake.object_ref(&())).await {
-        warn!(error = %e, "could not publish event");
-    }
-}
-
 fn error_policy(_bake: Arc<Bake>, error: &Error, _ctx: Arc<Context>) -> Action {
-    // Optimistic concurrency at work, not a failure: the newer copy's event is on its way.
-    if let Error::Conflict(_) = error {
-        tracing::debug!(error = %error, "stale cache");
-        return Action::requeue(Duration::from_secs(1));
-    }
-    warn!(category = error.category(), error = %error, "reconcile failed");
-    crate::metrics::global()
-        .reconcile_errors
-        .get_or_create(&crate::metrics::CategoryLabels {
-            category: error.category(),
-        })
-        .inc();
-    Action::requeue(Duration::from_secs(15))
+    crate::k8s::retry_after(error)
 }
 
 /// The Bake controller on the process's caches, subscribed at once; the future runs it until a

@@ -2,10 +2,14 @@
 //! (pure) and status transitions (pure).
 
 pub mod cleanup;
+pub mod context;
 pub mod controller;
+pub mod error;
 pub mod key;
 pub mod launch;
 pub mod pod;
 pub mod queue;
 pub mod status;
 pub mod watch;
+
+pub use error::{Error, Result};

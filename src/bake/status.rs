@@ -6,9 +6,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
 use crate::api::conditions::{self, Desired, READY, RECONCILING, STALLED};
 use crate::api::{BakePhase, BakeStatus};
+use crate::k8s::truncate;
 
 /// Why a Bake is where it is: a bounded set, used as condition reasons and Event reasons.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, strum::IntoStaticStr, strum::EnumString, strum::VariantArray,
+)]
 pub enum Reason {
     TemplateNotFound,
     InvalidTemplate,
@@ -44,31 +47,7 @@ pub enum Reason {
 
 impl Reason {
     pub fn as_str(self) -> &'static str {
-        match self {
-            Reason::TemplateNotFound => "TemplateNotFound",
-            Reason::InvalidTemplate => "InvalidTemplate",
-            Reason::SourceImageNotFound => "SourceImageNotFound",
-            Reason::SourceCatalogEmpty => "SourceCatalogEmpty",
-            Reason::Ec2Unavailable => "Ec2Unavailable",
-            Reason::Launching => "Launching",
-            Reason::Queued => "Queued",
-            Reason::WaitingForIdenticalBake => "WaitingForIdenticalBake",
-            Reason::PodPending => "PodPending",
-            Reason::Running => "Running",
-            Reason::AwaitingImage => "AwaitingImage",
-            Reason::Succeeded => "Succeeded",
-            Reason::Adopted => "Adopted",
-            Reason::Reused => "Reused",
-            Reason::PackerFailed => "PackerFailed",
-            Reason::Timeout => "Timeout",
-            Reason::PodDeleted => "PodDeleted",
-            Reason::ImageNotFound => "ImageNotFound",
-            Reason::NamespaceNotAllowed => "NamespaceNotAllowed",
-            Reason::Unschedulable => "Unschedulable",
-            Reason::PodStartFailed => "PodStartFailed",
-            Reason::NameConflict => "NameConflict",
-            Reason::PodRejected => "PodRejected",
-        }
+        self.into()
     }
 
     /// The phase a Bake is in for this reason.
@@ -131,19 +110,6 @@ impl Transition {
 
 /// Longest `message` kept in status: enough for packer's last error lines.
 pub const MAX_MESSAGE: usize = 2048;
-
-/// Cuts text to at most `max` bytes on a char boundary, marking the cut.
-pub fn truncate(text: &str, max: usize) -> String {
-    if text.len() <= max {
-        return text.to_string();
-    }
-    let marker = "…";
-    let mut end = max.saturating_sub(marker.len());
-    while !text.is_char_boundary(end) {
-        end -= 1;
-    }
-    format!("{}{marker}", &text[..end])
-}
 
 /// Keeps the end of text (where packer's error is) within `max` bytes.
 pub fn tail(text: &str, max: usize) -> String {
@@ -438,14 +404,10 @@ mod tests {
     }
 
     #[test]
-    fn truncation_respects_char_boundaries() {
+    fn tail_keeps_the_end_on_a_char_boundary_and_marks_the_cut() {
         let s = "é".repeat(10);
-        let cut = truncate(&s, 7);
-        assert!(cut.len() <= 7, "{cut}");
-        assert!(cut.ends_with('…'));
         let end = tail(&s, 7);
         assert!(end.len() <= 7 && end.starts_with('…'), "{end}");
-        assert_eq!(truncate("short", 10), "short");
     }
 
     fn pod(phase: &str, reason: Option<&str>, exit: i32, message: Option<&str>) -> Pod {

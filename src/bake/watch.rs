@@ -11,6 +11,8 @@ use std::time::Duration;
 use futures::stream::BoxStream;
 use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::core::v1::Pod;
+use kube::core::error_boundary::{DeserializeGuard, InvalidObject};
+use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, ObjectRef, Store, store::Writer};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
@@ -82,24 +84,38 @@ where
     }
 
     /// Lists and watches through `api` until dropped; calls `synced` once, when the first list
-    /// is in the cache. `lag` delays every event (a failpoint for tests). Runs once: a second
-    /// call returns at once.
-    pub async fn run(&self, api: Api<K>, config: watcher::Config, lag: Option<Duration>, synced: impl Fn()) {
+    /// is in the cache. `lag` delays every event (a failpoint for tests). An object that does not
+    /// deserialize is left out of the cache (a cached copy of it goes) and handed to `invalid`,
+    /// instead of failing the whole watch. Runs once: a second call returns at once.
+    pub async fn run(
+        &self,
+        api: Api<DeserializeGuard<K>>,
+        config: watcher::Config,
+        lag: Option<Duration>,
+        synced: impl Fn(),
+        invalid: impl Fn(&InvalidObject),
+    ) {
         let Some(writer) = locked(&self.writer).take() else {
             tracing::error!("a shared watch was started twice");
             return;
         };
         let reader = self.reader.clone();
+        let cached = self.reader.clone();
         let mut first = true;
         let events = watcher(api, config)
             .default_backoff()
-            // Nothing reads who wrote which field: the cache keeps only what Baker reads.
-            .modify(|obj: &mut K| obj.meta_mut().managed_fields = None)
             .then(move |event| async move {
                 if let Some(lag) = lag {
                     tokio::time::sleep(lag).await;
                 }
                 event
+            })
+            .filter_map(move |event| {
+                let sifted = match event {
+                    Ok(event) => sift(event, &cached, &invalid).map(Ok),
+                    Err(e) => Some(Err(e)),
+                };
+                futures::future::ready(sifted)
             })
             .reflect(writer);
         futures::pin_mut!(events);
@@ -132,6 +148,60 @@ where
                 locked(&self.subscribers).retain(|tx| !tx.is_closed());
             }
         }
+    }
+}
+
+/// The event the cache gets for a watch event of objects that may not deserialize: valid objects
+/// pass (without their managedFields: nothing reads who wrote which field); an invalid one is
+/// reported, and if the cache holds an older valid copy, that copy is removed, so no decision is
+/// made on an object that no longer says that.
+fn sift<K>(
+    event: watcher::Event<DeserializeGuard<K>>,
+    cached: &Store<K>,
+    invalid: &impl Fn(&InvalidObject),
+) -> Option<watcher::Event<K>>
+where
+    K: Resource<DynamicType = ()> + Clone,
+{
+    use watcher::Event as E;
+    let valid = |guard: DeserializeGuard<K>| {
+        guard
+            .0
+            .map(|mut obj| {
+                obj.meta_mut().managed_fields = None;
+                obj
+            })
+            .map_err(Box::new)
+    };
+    let cached_copy = |bad: &InvalidObject| {
+        let name = bad.metadata.name.as_deref()?;
+        let key = match bad.metadata.namespace.as_deref() {
+            Some(ns) => ObjectRef::new(name).within(ns),
+            None => ObjectRef::new(name),
+        };
+        cached.get(&key).map(|obj| E::Delete((*obj).clone()))
+    };
+    match event {
+        E::Apply(guard) => match valid(guard) {
+            Ok(obj) => Some(E::Apply(obj)),
+            Err(bad) => {
+                invalid(&bad);
+                cached_copy(&bad)
+            }
+        },
+        E::InitApply(guard) => match valid(guard) {
+            Ok(obj) => Some(E::InitApply(obj)),
+            Err(bad) => {
+                invalid(&bad);
+                None
+            }
+        },
+        E::Delete(guard) => match valid(guard) {
+            Ok(obj) => Some(E::Delete(obj)),
+            Err(bad) => cached_copy(&bad),
+        },
+        E::Init => Some(E::Init),
+        E::InitDone => Some(E::InitDone),
     }
 }
 
@@ -237,20 +307,13 @@ impl Caches {
 
     /// Runs every watch until dropped. Bakes, pods and AmiCatalogs are watched in `namespace` (or
     /// everywhere); BakeTemplates are cluster-scoped. Marks `health` synced once every cache is.
+    /// An object that cannot be read is reported (log, metric and a Warning Event on it).
     pub async fn run(&self, client: Client, namespace: Option<&str>, health: Arc<Health>) {
-        fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
-        where
-            K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
-        {
-            match namespace {
-                Some(ns) => Api::namespaced(client.clone(), ns),
-                None => Api::all(client.clone()),
-            }
-        }
+        use crate::k8s::scoped;
         let gate = self.gate.clone();
         let bakes_store = self.bakes.store();
         health.catalogs_watched(self.catalogs.store());
-        let templates: Api<BakeTemplate> = Api::all(client.clone());
+        let templates: Api<DeserializeGuard<BakeTemplate>> = Api::all(client.clone());
         let bake_lag =
             crate::failpoint::is_active(crate::failpoint::BAKE_CACHE_LAG).then_some(Duration::from_secs(1));
         let managed = format!("{}={}", keys::MANAGED_BY, keys::MANAGED_BY_VALUE);
@@ -260,15 +323,83 @@ impl Caches {
                 health.caches_synced(bakes_store.clone());
             }
         };
+        let recorder = crate::k8s::recorder(&client);
+        let report = |kind: &'static str, api_version: String| {
+            let recorder = recorder.clone();
+            let metrics = health.metrics.clone();
+            move |bad: &InvalidObject| report_invalid(&recorder, &metrics, kind, &api_version, bad)
+        };
         let any = || watcher::Config::default().any_semantic();
         tokio::join!(
-            self.bakes.run(scoped(&client, namespace), any(), bake_lag, mark),
-            self.pods
-                .run(scoped(&client, namespace), any().labels(&managed), None, mark),
-            self.templates.run(templates, any(), None, mark),
-            self.catalogs.run(scoped(&client, namespace), any(), None, mark),
+            self.bakes.run(
+                scoped(&client, namespace),
+                any(),
+                bake_lag,
+                mark,
+                report("Bake", Bake::api_version(&()).into())
+            ),
+            self.pods.run(
+                scoped(&client, namespace),
+                any().labels(&managed),
+                None,
+                mark,
+                report("Pod", Pod::api_version(&()).into())
+            ),
+            self.templates.run(
+                templates,
+                any(),
+                None,
+                mark,
+                report("BakeTemplate", BakeTemplate::api_version(&()).into())
+            ),
+            self.catalogs.run(
+                scoped(&client, namespace),
+                any(),
+                None,
+                mark,
+                report("AmiCatalog", AmiCatalog::api_version(&()).into())
+            ),
         );
     }
+}
+
+/// Tells the object's owner, and the operator's admin, that an object cannot be read: a log line,
+/// a count in `baker_invalid_objects_total`, and a Warning Event on the object (best effort).
+fn report_invalid(
+    recorder: &kube::runtime::events::Recorder,
+    metrics: &crate::metrics::Metrics,
+    kind: &'static str,
+    api_version: &str,
+    bad: &InvalidObject,
+) {
+    let name = bad.metadata.name.clone().unwrap_or_default();
+    let namespace = bad.metadata.namespace.clone();
+    tracing::warn!(kind, name = %name, namespace = namespace.as_deref().unwrap_or(""), error = %bad.error, "an object cannot be read and is left out of the cache");
+    metrics.invalid_object(kind);
+    let regarding = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some(api_version.to_string()),
+        kind: Some(kind.to_string()),
+        name: Some(name),
+        namespace,
+        uid: bad.metadata.uid.clone(),
+        ..Default::default()
+    };
+    let note = format!(
+        "Baker cannot read this {kind} and ignores it until it changes: {}",
+        bad.error
+    );
+    let recorder = recorder.clone();
+    tokio::spawn(async move {
+        crate::k8s::publish(
+            &recorder,
+            &regarding,
+            EventType::Warning,
+            "InvalidObject",
+            "Read",
+            &note,
+        )
+        .await;
+    });
 }
 
 #[cfg(test)]
@@ -291,6 +422,57 @@ mod tests {
             .await
             .expect("the waiter was woken")
             .expect("the waiter did not panic");
+    }
+
+    fn bake(name: &str) -> Bake {
+        let mut b = Bake::new(
+            name,
+            serde_json::from_value(serde_json::json!({
+                "template": "t", "service": "s", "version": "1", "virtualizationType": "hvm"
+            }))
+            .expect("a valid spec"),
+        );
+        b.metadata.namespace = Some("team".into());
+        b
+    }
+
+    fn invalid(name: &str) -> DeserializeGuard<Bake> {
+        let guard: DeserializeGuard<Bake> = serde_json::from_value(serde_json::json!({
+            "apiVersion": "baker.io/v1alpha1", "kind": "Bake",
+            "metadata": { "name": name, "namespace": "team" },
+            "spec": { "template": 7 }
+        }))
+        .expect("a guard reads any object with metadata");
+        assert!(guard.0.is_err(), "the object is invalid");
+        guard
+    }
+
+    #[test]
+    fn an_object_that_turns_invalid_is_reported_and_its_cached_copy_removed() {
+        let (reader, mut writer) = reflector::store::<Bake>();
+        writer.apply_watcher_event(&watcher::Event::Apply(bake("a")));
+        let reported = std::cell::RefCell::new(Vec::new());
+        let report = |bad: &InvalidObject| reported.borrow_mut().push(bad.metadata.name.clone());
+        let out = sift(watcher::Event::Apply(invalid("a")), &reader, &report);
+        assert!(matches!(out, Some(watcher::Event::Delete(b)) if b.metadata.name.as_deref() == Some("a")));
+        assert_eq!(reported.borrow().as_slice(), [Some("a".to_string())]);
+        // Never cached: reported, and nothing for the cache.
+        assert!(sift(watcher::Event::InitApply(invalid("b")), &reader, &report).is_none());
+        assert!(sift(watcher::Event::Apply(invalid("c")), &reader, &report).is_none());
+        assert_eq!(reported.borrow().len(), 3);
+    }
+
+    #[test]
+    fn valid_objects_pass_without_their_managed_fields() {
+        let (reader, _writer) = reflector::store::<Bake>();
+        let mut b = bake("a");
+        b.metadata.managed_fields = Some(vec![Default::default()]);
+        let out = sift(
+            watcher::Event::Apply(DeserializeGuard(Ok(b))),
+            &reader,
+            &|_: &InvalidObject| panic!("nothing is invalid"),
+        );
+        assert!(matches!(out, Some(watcher::Event::Apply(b)) if b.metadata.managed_fields.is_none()));
     }
 
     #[test]

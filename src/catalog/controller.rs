@@ -3,25 +3,23 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use futures::StreamExt;
-use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Client, Resource, ResourceExt};
-use serde_json::json;
 use tracing::{info, instrument, warn};
 
+use super::error::{Error, Result};
 use super::retention;
 use crate::api::catalog::{Retention, RetentionStatus};
-use crate::api::{AmiCatalog, AmiCatalogStatus, Bake};
+use crate::api::{AmiCatalog, Bake};
 use crate::aws::{Ec2, Ec2Error, ImageSummary};
-use crate::bake::controller::FIELD_MANAGER;
 use crate::bake::watch::{Caches, Stores};
 use crate::config::{OperatorConfig, Scope};
-use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::usage;
 
 /// Catalogs synced at once.
@@ -35,6 +33,7 @@ pub struct Context {
     pub client: Client,
     pub ec2: Ec2,
     pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
     /// Whose images retention may remove.
     pub retention_scope: Scope,
     /// Most images one sync removes.
@@ -55,12 +54,13 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Context {
-    pub fn new(client: Client, ec2: Ec2, config: &OperatorConfig) -> Self {
-        let recorder = crate::bake::controller::recorder(&client);
+    pub fn new(client: Client, ec2: Ec2, config: &OperatorConfig, metrics: Arc<Metrics>) -> Self {
+        let recorder = crate::k8s::recorder(&client);
         Self {
             client,
             ec2,
             recorder,
+            metrics,
             retention_scope: config.retention_scope,
             max_removals: config.retention_max_removals,
             max_images: config.catalog_max_images.max(1),
@@ -82,6 +82,11 @@ pub async fn reconcile(catalog: Arc<AmiCatalog>, ctx: Arc<Context>) -> Result<Ac
     if let Some(stores) = ctx.stores.get() {
         stores.synced.wait().await;
     }
+    crate::k8s::measured(&ctx.metrics, "catalog", sync(&catalog, &ctx)).await
+}
+
+/// Syncs the catalog with EC2 if it is due.
+async fn sync(catalog: &AmiCatalog, ctx: &Context) -> Result<Action> {
     let uid = catalog.uid().ok_or(Error::MissingField("metadata.uid"))?;
     let namespace = catalog
         .namespace()
@@ -118,7 +123,7 @@ pub async fn reconcile(catalog: Arc<AmiCatalog>, ctx: Arc<Context>) -> Result<Ac
     // Retention on a cut listing could misjudge which images are newest: it waits for a query
     // that fits.
     if let (Some(policy), Ok(images), false) = (&spec.retention, &outcome, cut) {
-        match retain(&catalog, &ctx, &namespace, policy, images).await? {
+        match retain(catalog, ctx, &namespace, policy, images).await? {
             Ok((status, removed)) => {
                 retention = Some(status);
                 if let Ok(images) = &mut outcome {
@@ -141,11 +146,11 @@ pub async fn reconcile(catalog: Arc<AmiCatalog>, ctx: Arc<Context>) -> Result<Ac
         generation,
         &outcome,
         cut.then_some(ctx.max_images),
-        &crate::bake::controller::now(),
+        &crate::k8s::now(),
     );
     next.retention = retention;
     if super::changed(previous, &next) {
-        write_status(&ctx.client, &catalog, &next).await?;
+        crate::k8s::apply_status(&ctx.client, catalog, &next).await?;
         info!(
             count = next.count.unwrap_or_default(),
             latest = next.latest.as_ref().map(|l| l.image_id.as_str()).unwrap_or(""),
@@ -231,47 +236,24 @@ async fn retain(
     )))
 }
 
-/// Events are best effort: a failure to record one must not fail the sync. kube's recorder folds
-/// Events with equal reason and action into one series (keeping the first note), so the action
-/// names the image: one Event per removed image.
+/// An Event about the catalog (best effort). kube's recorder folds Events with equal reason and
+/// action into one series (keeping the first note), so the action names the image: one Event per
+/// removed image.
 async fn publish(catalog: &AmiCatalog, ctx: &Context, reason: &str, action: String, note: String) {
-    let event = Event {
-        type_: EventType::Normal,
-        reason: reason.into(),
-        note: Some(crate::bake::status::truncate(&note, 1000)),
-        action,
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &catalog.object_ref(&())).await {
-        warn!(error = %e, "could not publish event");
-    }
-}
-
-async fn write_status(client: &Client, catalog: &AmiCatalog, status: &AmiCatalogStatus) -> Result<()> {
-    let api: Api<AmiCatalog> = Api::namespaced(client.clone(), &catalog.namespace().unwrap_or_default());
-    // The UID guards against writing onto a catalog recreated under the same name meanwhile.
-    let patch = json!({
-        "apiVersion": AmiCatalog::api_version(&()),
-        "kind": AmiCatalog::kind(&()),
-        "metadata": { "uid": catalog.uid() },
-        "status": status,
-    });
-    api.patch_status(
-        &catalog.name_any(),
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
+    let regarding = catalog.object_ref(&());
+    crate::k8s::publish(
+        &ctx.recorder,
+        &regarding,
+        EventType::Normal,
+        reason,
+        &action,
+        &note,
     )
-    .await
-    .map_err(|e| {
-        crate::bake::controller::uid_conflict(e, "AmiCatalog status")
-            .unwrap_or_else(Error::PatchCatalogStatus)
-    })?;
-    Ok(())
+    .await;
 }
 
 fn error_policy(_catalog: Arc<AmiCatalog>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(category = error.category(), error = %error, "catalog reconcile failed");
-    Action::requeue(Duration::from_secs(15))
+    crate::k8s::retry_after(error)
 }
 
 /// The AmiCatalog controller on the process's caches, subscribed at once; the future runs it

@@ -2,7 +2,10 @@
 //! (pure, unit-tested here), and the reconciler that runs the sync (`controller`).
 
 pub mod controller;
+pub mod error;
 pub mod retention;
+
+pub use error::{Error, Result};
 
 use std::time::Duration;
 
@@ -398,11 +401,11 @@ mod tests {
             None,
             &t(10),
         );
-        let err = Ec2Error {
-            action: "DescribeImages",
-            code: "Unreachable".into(),
-            message: "cannot connect to the EC2 endpoint".into(),
-        };
+        let err = Ec2Error::new(
+            "DescribeImages",
+            "Unreachable",
+            "cannot connect to the EC2 endpoint",
+        );
         let failed = next_status(Some(&ok), &spec(), Some(1), &Err(err), None, &t(20));
         assert_eq!(failed.images, ok.images);
         assert_eq!(failed.last_sync_time, Some(t(10)));
