@@ -10,6 +10,8 @@ pub mod bake;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+#[cfg(test)]
+pub(crate) mod ec2_fake;
 pub mod error;
 pub mod failpoint;
 #[cfg(test)]
@@ -18,6 +20,8 @@ pub mod http;
 pub mod k8s;
 pub mod leader;
 pub mod metrics;
+#[cfg(test)]
+pub(crate) mod mock_api;
 pub mod operator;
 pub mod packer;
 pub mod seed;

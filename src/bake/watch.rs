@@ -363,6 +363,38 @@ impl Caches {
     }
 }
 
+#[cfg(test)]
+impl Caches {
+    /// Caches holding these objects and synced, as if every watch had just listed them: the
+    /// reconcilers' tests start from here.
+    pub(crate) fn filled(
+        bakes: Vec<Bake>,
+        pods: Vec<Pod>,
+        templates: Vec<BakeTemplate>,
+        catalogs: Vec<AmiCatalog>,
+    ) -> Self {
+        fn fill<K: Resource<DynamicType = ()> + Clone + 'static>(shared: &Shared<K>, objects: Vec<K>) {
+            let Some(mut writer) = locked(&shared.writer).take() else {
+                panic!("a cache is filled once");
+            };
+            writer.apply_watcher_event(&watcher::Event::Init);
+            for obj in objects {
+                writer.apply_watcher_event(&watcher::Event::InitApply(obj));
+            }
+            writer.apply_watcher_event(&watcher::Event::InitDone);
+        }
+        let caches = Caches::new();
+        fill(&caches.bakes, bakes);
+        fill(&caches.pods, pods);
+        fill(&caches.templates, templates);
+        fill(&caches.catalogs, catalogs);
+        for _ in 0..CACHES {
+            caches.gate.mark();
+        }
+        caches
+    }
+}
+
 /// Tells the object's owner, and the operator's admin, that an object cannot be read: a log line,
 /// a count in `baker_invalid_objects_total`, and a Warning Event on the object (best effort).
 fn report_invalid(
