@@ -290,3 +290,6 @@ pub fn run(ctx: Arc<Context>, caches: &Caches) -> impl Future<Output = ()> + use
             }
         })
 }
+
+#[cfg(test)]
+mod tests;
