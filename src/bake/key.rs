@@ -102,8 +102,8 @@ mod tests {
     #[test]
     fn same_inputs_from_different_bakes_give_the_same_key() {
         let (s, t) = (spec("1.0"), template());
-        let a = key(&s, &t, "a", "ami-1", "packer:1");
-        assert_eq!(a, key(&s, &t, "b", "ami-1", "packer:1"));
+        let a = key(&s, &t, "a", "ami-11111111", "packer:1");
+        assert_eq!(a, key(&s, &t, "b", "ami-11111111", "packer:1"));
         assert_eq!(a.len(), KEY_HEX_LEN);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
     }
@@ -111,13 +111,13 @@ mod tests {
     #[test]
     fn version_source_image_packer_image_and_steps_change_the_key() {
         let (s, t) = (spec("1.0"), template());
-        let base = key(&s, &t, "a", "ami-1", "packer:1");
-        assert_ne!(base, key(&spec("1.1"), &t, "a", "ami-1", "packer:1"));
-        assert_ne!(base, key(&s, &t, "a", "ami-2", "packer:1"));
-        assert_ne!(base, key(&s, &t, "a", "ami-1", "packer:2"));
+        let base = key(&s, &t, "a", "ami-11111111", "packer:1");
+        assert_ne!(base, key(&spec("1.1"), &t, "a", "ami-11111111", "packer:1"));
+        assert_ne!(base, key(&s, &t, "a", "ami-22222222", "packer:1"));
+        assert_ne!(base, key(&s, &t, "a", "ami-11111111", "packer:2"));
         let mut tagged = template();
         tagged.tags.insert("team".into(), "x".into());
-        assert_ne!(base, key(&s, &tagged, "a", "ami-1", "packer:1"));
+        assert_ne!(base, key(&s, &tagged, "a", "ami-11111111", "packer:1"));
     }
 
     #[test]
@@ -126,8 +126,8 @@ mod tests {
         let mut slow = template();
         slow.timeout_seconds = Some(7200);
         assert_eq!(
-            key(&s, &template(), "a", "ami-1", "p"),
-            key(&s, &slow, "a", "ami-1", "p")
+            key(&s, &template(), "a", "ami-11111111", "p"),
+            key(&s, &slow, "a", "ami-11111111", "p")
         );
     }
 }

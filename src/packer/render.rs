@@ -68,6 +68,129 @@ pub enum RenderError {
     ProvisionersWithoutCommunicator,
     #[error("template text may not contain Packer template delimiters ({{{{ or }}}}) in {0}")]
     TemplateDelimiters(&'static str),
+    #[error("{0} may not contain control characters (newlines, tabs, escapes)")]
+    ControlCharacters(&'static str),
+    #[error("source image {0:?} is not an AMI id (ami- and 8 to 17 hex digits)")]
+    SourceAmiShape(String),
+    #[error(
+        "{what} would be {length} characters for this Bake; EC2 allows {max}. Shorten the template's pattern or the Bake's service or version"
+    )]
+    TooLong {
+        what: &'static str,
+        length: usize,
+        max: usize,
+    },
+    #[error(
+        "amiName {0:?} has characters EC2 refuses in AMI names; allowed: letters, digits, spaces and ( ) [ ] . / - ' @ _"
+    )]
+    AmiNameCharacters(String),
+}
+
+/// Longest AMI name EC2 accepts.
+const MAX_AMI_NAME: usize = 128;
+/// Longest AMI description EC2 accepts.
+const MAX_AMI_DESCRIPTION: usize = 255;
+/// Characters of `{{timestamp}}` (Unix seconds, ten digits until the year 2286).
+const TIMESTAMP_LEN: usize = 10;
+
+/// Refuses what could make a literal value act as Packer template text or break the JSON's
+/// meaning for a reader: admission refuses these already; this holds for objects that reached
+/// the renderer without it (an older CRD, a direct write of the status subresource's parent).
+fn check_literal(what: &'static str, value: &str) -> Result<(), RenderError> {
+    if value.contains("{{") || value.contains("}}") {
+        return Err(RenderError::TemplateDelimiters(what));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(RenderError::ControlCharacters(what));
+    }
+    Ok(())
+}
+
+/// An AMI id as EC2 writes them; anything else read from a catalog's status or a template is
+/// refused before it reaches Packer.
+pub fn is_ami_id(id: &str) -> bool {
+    id.strip_prefix("ami-")
+        .is_some_and(|hex| (8..=17).contains(&hex.len()) && hex.chars().all(|c| c.is_ascii_hexdigit()))
+}
+
+/// Every value the renderer writes as literal text into the template, checked.
+fn check_inputs(input: &RenderInput<'_>) -> Result<(), RenderError> {
+    let t = input.template;
+    let b = input.bake;
+    let id = input.identity;
+    for (what, value) in [
+        ("the Bake's service", b.service.as_str()),
+        ("the Bake's version", b.version.as_str()),
+        ("the Bake's name", id.name.as_str()),
+        ("the Bake's namespace", id.namespace.as_str()),
+        ("the Bake's uid", id.uid.as_str()),
+        ("the template's name", input.template_name),
+        ("the bake key", input.bake_key),
+        ("region", t.region.as_str()),
+        ("instanceType", t.instance_type.as_deref().unwrap_or_default()),
+        ("sshUsername", t.ssh_username.as_deref().unwrap_or_default()),
+        ("ec2Endpoint", t.ec2_endpoint.as_deref().unwrap_or_default()),
+        (
+            "the operator's EC2 endpoint",
+            input.default_ec2_endpoint.unwrap_or_default(),
+        ),
+    ] {
+        check_literal(what, value)?;
+    }
+    for (k, v) in &t.tags {
+        check_literal("a tag key", k)?;
+        check_literal("a tag value", v)?;
+    }
+    match &input.source {
+        ResolvedSource::AmiId(ami) if !is_ami_id(ami) => {
+            return Err(RenderError::SourceAmiShape(ami.clone()));
+        }
+        ResolvedSource::AmiId(_) => {}
+        ResolvedSource::Filter(f) => {
+            check_literal("the source filter's name", f.name.as_deref().unwrap_or_default())?;
+            for owner in &f.owners {
+                check_literal("the source filter's owners", owner)?;
+            }
+            for (k, v) in &f.tags {
+                check_literal("the source filter's tags", k)?;
+                check_literal("the source filter's tags", v)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The characters Packer's `clean_resource_name` keeps; it replaces any other with `-`, one for
+/// one, so a value's length survives cleaning.
+fn ami_name_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "()[] ./-'@_".contains(c)
+}
+
+/// How long `pattern` expands for this Bake, and whether its literal text is fit for an AMI name.
+fn expanded_len(pattern: &str, input: &RenderInput<'_>) -> (usize, bool) {
+    let mut len = 0;
+    let mut literal_ok = true;
+    let mut rest = pattern;
+    while let Some(start) = rest.find('{') {
+        let literal = &rest[..start];
+        len += literal.chars().count();
+        literal_ok &= literal.chars().all(ami_name_char);
+        let after = &rest[start + 1..];
+        let Some(end) = after.find('}') else {
+            break;
+        };
+        len += match &after[..end] {
+            "service" => input.bake.service.chars().count(),
+            "version" => input.bake.version.chars().count(),
+            "virtualizationType" => input.bake.virtualization_type.as_str().len(),
+            "template" => input.template_name.chars().count(),
+            _ => TIMESTAMP_LEN,
+        };
+        rest = &after[end + 1..];
+    }
+    len += rest.chars().count();
+    literal_ok &= rest.chars().all(ami_name_char);
+    (len, literal_ok)
 }
 
 /// The Packer user variables every rendered template defines.
@@ -171,7 +294,19 @@ fn source_filter(filter: &ImageFilter, input: &RenderInput<'_>) -> Value {
 
 fn builder(input: &RenderInput<'_>) -> Result<Value, RenderError> {
     let t = input.template;
-    let ami_name = expand_name(t.ami_name.as_deref().unwrap_or(DEFAULT_AMI_NAME))?;
+    let pattern = t.ami_name.as_deref().unwrap_or(DEFAULT_AMI_NAME);
+    let ami_name = expand_name(pattern)?;
+    let (length, literal_ok) = expanded_len(pattern, input);
+    if !literal_ok {
+        return Err(RenderError::AmiNameCharacters(pattern.to_string()));
+    }
+    if length > MAX_AMI_NAME {
+        return Err(RenderError::TooLong {
+            what: "the AMI name",
+            length,
+            max: MAX_AMI_NAME,
+        });
+    }
     let mut b = Map::new();
     b.insert("type".into(), json!(t.builder.as_str()));
     b.insert("region".into(), json!(t.region));
@@ -184,8 +319,10 @@ fn builder(input: &RenderInput<'_>) -> Result<Value, RenderError> {
         }
     }
     b.insert("ami_name".into(), json!(ami_name));
+    let described = t.ami_description.as_deref().unwrap_or(DEFAULT_DESCRIPTION);
     let description = match &t.ami_description {
         Some(d) => expand_name(d)?,
+        // Written without `clean_resource_name`: descriptions take any character.
         None => format!(
             "{} {} ({}), baked by Baker",
             user("service"),
@@ -193,6 +330,14 @@ fn builder(input: &RenderInput<'_>) -> Result<Value, RenderError> {
             user("template")
         ),
     };
+    let length = expanded_len(described, input).0;
+    if length > MAX_AMI_DESCRIPTION {
+        return Err(RenderError::TooLong {
+            what: "the AMI description",
+            length,
+            max: MAX_AMI_DESCRIPTION,
+        });
+    }
     b.insert("ami_description".into(), json!(description));
     b.insert(
         "ami_virtualization_type".into(),
@@ -263,8 +408,12 @@ fn provisioners(input: &RenderInput<'_>) -> Result<Vec<Value>, RenderError> {
         .collect()
 }
 
+/// The AMI description when the template sets none, as a pattern (for its length).
+const DEFAULT_DESCRIPTION: &str = "{service} {version} ({template}), baked by Baker";
+
 /// Renders the Packer template (JSON, which Packer 1.x and current Packer both read).
 pub fn render(input: &RenderInput<'_>) -> Result<Value, RenderError> {
+    check_inputs(input)?;
     let builder = builder(input)?;
     let provisioners = provisioners(input)?;
     let mut root = Map::new();
@@ -339,6 +488,152 @@ mod tests {
     fn unknown_placeholder_is_an_error_naming_it() {
         let err = expand_name("{service}-{colour}").unwrap_err();
         assert!(err.to_string().contains("{colour}"), "{err}");
+    }
+
+    fn input_with<'a>(
+        t: &'a BakeTemplateSpec,
+        b: &'a BakeSpec,
+        id: &'a BakeIdentity,
+        source: ResolvedSource,
+    ) -> RenderInput<'a> {
+        RenderInput {
+            bake: b,
+            identity: id,
+            template_name: "ebs-example",
+            template: t,
+            source,
+            default_ec2_endpoint: None,
+            bake_key: "",
+        }
+    }
+
+    fn render_with(t: &BakeTemplateSpec, b: &BakeSpec) -> Result<Value, RenderError> {
+        let id = identity();
+        render(&input_with(
+            t,
+            b,
+            &id,
+            ResolvedSource::AmiId("ami-0123456789abcdef0".into()),
+        ))
+    }
+
+    #[test]
+    fn packer_delimiters_or_control_characters_in_any_literal_value_are_refused() {
+        let b = bake();
+        let cases: Vec<(&str, Box<dyn Fn(&mut BakeTemplateSpec)>)> = vec![
+            (
+                "instanceType",
+                Box::new(|t| t.instance_type = Some("t3.{{env `X`}}".into())),
+            ),
+            (
+                "sshUsername",
+                Box::new(|t| t.ssh_username = Some("{{user `x`}}".into())),
+            ),
+            ("region", Box::new(|t| t.region = "eu-west-1}}".into())),
+            (
+                "a tag value",
+                Box::new(|t| {
+                    t.tags.insert("team".into(), "{{timestamp}}".into());
+                }),
+            ),
+            (
+                "a tag key",
+                Box::new(|t| {
+                    t.tags.insert("a\nb".replace("\\n", "\n"), "x".into());
+                }),
+            ),
+            (
+                "ec2Endpoint",
+                Box::new(|t| t.ec2_endpoint = Some("http://x/{{env `AWS_SECRET_ACCESS_KEY`}}".into())),
+            ),
+        ];
+        for (what, edit) in cases {
+            let mut t = ebs_template();
+            edit(&mut t);
+            let err = render_with(&t, &b).expect_err(what);
+            assert!(
+                matches!(err, RenderError::TemplateDelimiters(w) | RenderError::ControlCharacters(w) if w == what),
+                "{what}: {err}"
+            );
+        }
+        let mut evil = bake();
+        evil.version = "1.0.{{env `HOME`}}".into();
+        assert!(matches!(
+            render_with(&ebs_template(), &evil),
+            Err(RenderError::TemplateDelimiters("the Bake's version"))
+        ));
+    }
+
+    #[test]
+    fn a_source_filter_with_packer_delimiters_is_refused() {
+        let (t, b, id) = (ebs_template(), bake(), identity());
+        let filter = ImageFilter {
+            name: Some("base-{{timestamp}}".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            render(&input_with(&t, &b, &id, ResolvedSource::Filter(filter))),
+            Err(RenderError::TemplateDelimiters("the source filter's name"))
+        ));
+    }
+
+    #[test]
+    fn a_source_ami_that_is_not_an_ami_id_is_refused() {
+        let (t, b, id) = (ebs_template(), bake(), identity());
+        for bad in [
+            "ami-xyz",
+            "ami-0123456789abcdef0123",
+            "snap-01234567",
+            "ami-0123\"}",
+        ] {
+            let err = render(&input_with(&t, &b, &id, ResolvedSource::AmiId(bad.into()))).expect_err(bad);
+            assert!(matches!(err, RenderError::SourceAmiShape(_)), "{bad}: {err}");
+        }
+        assert!(is_ami_id("ami-0123abcd") && is_ami_id("ami-0123456789abcdef0"));
+    }
+
+    #[test]
+    fn an_ami_name_longer_than_ec2_allows_for_this_bake_is_refused_with_its_length() {
+        let mut b = bake();
+        b.service = "s".repeat(63);
+        b.version = "1".repeat(64);
+        let err = render_with(&ebs_template(), &b).expect_err("63 + 64 + hvm + timestamp is too long");
+        assert_eq!(
+            err,
+            RenderError::TooLong {
+                what: "the AMI name",
+                length: 63 + 1 + 64 + 1 + 3 + 1 + 10,
+                max: 128
+            }
+        );
+        assert!(render_with(&ebs_template(), &bake()).is_ok());
+    }
+
+    #[test]
+    fn an_ami_description_longer_than_ec2_allows_is_refused() {
+        let mut t = ebs_template();
+        t.ami_description = Some(format!("{} {{service}}", "d".repeat(250)));
+        let err = render_with(&t, &bake()).expect_err("too long");
+        assert!(
+            matches!(
+                err,
+                RenderError::TooLong {
+                    what: "the AMI description",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn an_ami_name_pattern_with_characters_ec2_refuses_is_refused() {
+        let mut t = ebs_template();
+        t.ami_name = Some("{service}:{version}#{timestamp}".into());
+        assert!(matches!(
+            render_with(&t, &bake()),
+            Err(RenderError::AmiNameCharacters(_))
+        ));
     }
 
     #[test]

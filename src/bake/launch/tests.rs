@@ -135,13 +135,13 @@ fn the_recorded_source_wins_over_the_templates_so_a_rerender_is_identical() {
     let config = OperatorConfig::default();
     let t = template(|_| {});
     let recorded = BakeStatus {
-        source_ami_id: Some("ami-recorded".into()),
+        source_ami_id: Some("ami-00ec0000".into()),
         ..Default::default()
     };
     let b = bake("b", "2026-01-01T00:00:00Z", Some(recorded));
     let p = prepare(&facts(&b, Some(&t), &config)).expect("prepared");
-    assert_eq!(p.source_ami, "ami-recorded");
-    assert!(p.keyed.rendered.contains("ami-recorded"));
+    assert_eq!(p.source_ami, "ami-00ec0000");
+    assert!(p.keyed.rendered.contains("ami-00ec0000"));
 }
 
 #[test]
@@ -161,10 +161,10 @@ fn a_filter_source_asks_ec2_once_and_every_answer_decides() {
     assert_eq!(stop_reason(decide(&f)), Reason::SourceImageNotFound);
     f.filter = Some(FilterAnswer::Failed("throttled".into()));
     assert_eq!(stop_reason(decide(&f)), Reason::Ec2Unavailable);
-    f.filter = Some(FilterAnswer::Found("ami-found".into()));
+    f.filter = Some(FilterAnswer::Found("ami-00f0d000".into()));
     let plan = decide(&f);
     assert!(matches!(plan, Plan::Ask(Need::ImagesWithKey { .. })), "{plan:?}");
-    assert_eq!(prepare(&f).expect("prepared").source_ami, "ami-found");
+    assert_eq!(prepare(&f).expect("prepared").source_ami, "ami-00f0d000");
 }
 
 #[test]
@@ -191,12 +191,12 @@ fn a_catalog_source_takes_the_latest_available_image_of_the_bakes_type_from_the_
     }
     let listed = catalog(json!([
         // Newest first, as a sync writes them.
-        { "imageId": "ami-pv", "state": "available", "virtualizationType": "paravirtual", "creationDate": "2026-03-01T00:00:00Z" },
-        { "imageId": "ami-new", "state": "available", "virtualizationType": "hvm", "creationDate": "2026-02-01T00:00:00Z" },
-        { "imageId": "ami-old", "state": "available", "virtualizationType": "hvm", "creationDate": "2026-01-01T00:00:00Z" },
+        { "imageId": "ami-00b00000", "state": "available", "virtualizationType": "paravirtual", "creationDate": "2026-03-01T00:00:00Z" },
+        { "imageId": "ami-00e00000", "state": "available", "virtualizationType": "hvm", "creationDate": "2026-02-01T00:00:00Z" },
+        { "imageId": "ami-00d00000", "state": "available", "virtualizationType": "hvm", "creationDate": "2026-01-01T00:00:00Z" },
     ]));
     f.catalog = Some(&listed);
-    assert_eq!(prepare(&f).expect("prepared").source_ami, "ami-new");
+    assert_eq!(prepare(&f).expect("prepared").source_ami, "ami-00e00000");
 }
 
 #[test]
@@ -206,7 +206,7 @@ fn an_image_with_the_key_in_scope_is_reused_and_one_of_another_namespace_is_not(
     let b = bake("b", "2026-01-01T00:00:00Z", None);
     let key = key_of(&b, &t, &config);
 
-    let foreign = [image("ami-foreign", &key, "team-b")];
+    let foreign = [image("ami-00f0f000", &key, "team-b")];
     let mut f = facts(&b, Some(&t), &config);
     f.keyed_images = Some(&foreign);
     assert!(
@@ -215,13 +215,13 @@ fn an_image_with_the_key_in_scope_is_reused_and_one_of_another_namespace_is_not(
     );
 
     let mine = [
-        image("ami-foreign", &key, "team-b"),
-        image("ami-mine", &key, "team-a"),
+        image("ami-00f0f000", &key, "team-b"),
+        image("ami-00a1e000", &key, "team-a"),
     ];
     f.keyed_images = Some(&mine);
     match decide(&f) {
         Plan::Reuse { ami_id, from, .. } => {
-            assert_eq!(ami_id, "ami-mine");
+            assert_eq!(ami_id, "ami-00a1e000");
             assert_eq!(from.as_deref(), Some("team-a/maker"));
         }
         other => panic!("{other:?}"),
@@ -286,14 +286,14 @@ fn an_identical_bakes_image_is_reused_only_if_ec2_still_shows_it_with_the_key() 
     let t = template(|_| {});
     // Woken after the identical Bake ended: the key was looked up while waiting.
     let (b, key) = waiting_bake(&t, &config);
-    let done = [finished_with(&key, "ami-done")];
+    let done = [finished_with(&key, "ami-00d0e000")];
     let mut f = facts(&b, Some(&t), &config);
     f.bakes = Some(&done);
     assert!(matches!(decide(&f), Plan::Ask(Need::ImagesWithKey { .. })));
 
-    let still = [image("ami-done", &key, "team-a")];
+    let still = [image("ami-00d0e000", &key, "team-a")];
     f.keyed_images = Some(&still);
-    assert!(matches!(decide(&f), Plan::Reuse { ref ami_id, .. } if ami_id == "ami-done"));
+    assert!(matches!(decide(&f), Plan::Reuse { ref ami_id, .. } if ami_id == "ami-00d0e000"));
 
     // Deregistered (or its key tag removed) since: the status alone is no evidence.
     let gone = [];
