@@ -520,7 +520,8 @@ mod tests {
     #[test]
     fn packer_delimiters_or_control_characters_in_any_literal_value_are_refused() {
         let b = bake();
-        let cases: Vec<(&str, Box<dyn Fn(&mut BakeTemplateSpec)>)> = vec![
+        type Edit = Box<dyn Fn(&mut BakeTemplateSpec)>;
+        let cases: Vec<(&str, Edit)> = vec![
             (
                 "instanceType",
                 Box::new(|t| t.instance_type = Some("t3.{{env `X`}}".into())),
