@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use axum::Router;
 use axum::extract::State;
@@ -160,11 +161,102 @@ pub fn router(health: Arc<Health>) -> Router {
         .with_state(health)
 }
 
+/// A client has this long to send a request's headers (also the longest a kept-alive
+/// connection may sit idle): a slow or silent client holds a connection no longer.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connections served at once; past it, new connections are closed at once, so a flood costs
+/// memory for this many only. Far above what probes, Prometheus and people need.
+pub const MAX_CONNECTIONS: usize = 1024;
+
+/// Largest request body accepted (no route reads one; this only refuses a large upload early).
+pub const MAX_BODY_BYTES: u64 = 64 * 1024;
+
+/// How the HTTP server protects itself from its clients.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            header_read_timeout: HEADER_READ_TIMEOUT,
+            max_connections: MAX_CONNECTIONS,
+        }
+    }
+}
+
 /// Serves `router` on `addr` until the process ends.
 pub async fn serve(addr: SocketAddr, router: Router) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     tracing::info!(addr = %listener.local_addr()?, "serving HTTP");
-    axum::serve(listener, router).await
+    serve_on(listener, router, Limits::default()).await
+}
+
+/// Serves `router` on a bound listener: HTTP/1.1 with a header-read timeout, a cap on
+/// connections, bodies over [`MAX_BODY_BYTES`] refused with 413. axum's own `serve` sets no
+/// header timeout and no cap, so one client could hold connections open forever.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    limits: Limits,
+) -> std::io::Result<()> {
+    use tower::ServiceExt;
+    let router = router.layer(axum::middleware::from_fn(refuse_large_bodies));
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    let mut full_logged = false;
+    loop {
+        let (stream, _) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            // Out of file descriptors, or a connection reset before it was accepted: the
+            // listener itself is fine, so keep serving after a breath.
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting an HTTP connection failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if !full_logged {
+                tracing::warn!(
+                    max = limits.max_connections,
+                    "HTTP connection limit reached: closing new connections until some end"
+                );
+                full_logged = true;
+            }
+            continue;
+        };
+        full_logged = false;
+        let service = hyper_util::service::TowerToHyperService::new(
+            router
+                .clone()
+                .map_request(|r: http::Request<hyper::body::Incoming>| r.map(axum::body::Body::new)),
+        );
+        tokio::spawn(async move {
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout)
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+}
+
+async fn refuse_large_bodies(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let length = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if length.is_some_and(|l| l > MAX_BODY_BYTES) {
+        return (StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n").into_response();
+    }
+    next.run(request).await
 }
 
 #[cfg(test)]
@@ -188,6 +280,123 @@ mod tests {
     #[test]
     fn a_standby_is_ready_without_caches() {
         assert!(is_ready(false, Role::Standby));
+    }
+
+    /// A server on a free loopback port, serving the operator's routes.
+    async fn server_with(limits: Limits) -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("a loopback port");
+        let addr = listener.local_addr().expect("its address");
+        tokio::spawn(serve_on(listener, router(Arc::new(Health::default())), limits));
+        addr
+    }
+
+    async fn server() -> SocketAddr {
+        server_with(Limits::default()).await
+    }
+
+    /// One request on a fresh connection; the status line's code.
+    async fn status_of(addr: SocketAddr, request: &str) -> u16 {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connects");
+        stream.write_all(request.as_bytes()).await.expect("sends");
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).await.expect("an answer");
+        String::from_utf8_lossy(&head[9..12])
+            .parse()
+            .expect("a status code")
+    }
+
+    #[tokio::test]
+    async fn five_hundred_slow_connections_do_not_stop_healthz_from_answering() {
+        use tokio::io::AsyncWriteExt;
+        let addr = server().await;
+        let mut slow = Vec::new();
+        for _ in 0..500 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connects");
+            // Half a request line, and then nothing.
+            s.write_all(b"GET /heal").await.expect("sends");
+            slow.push(s);
+        }
+        let answered = tokio::time::timeout(
+            Duration::from_secs(5),
+            status_of(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+        )
+        .await
+        .expect("healthz answers while 500 connections stall");
+        assert_eq!(answered, 200);
+        drop(slow);
+    }
+
+    #[tokio::test]
+    async fn a_large_declared_body_is_refused_before_it_is_read() {
+        let addr = server().await;
+        let code = status_of(
+            addr,
+            "POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 1073741824\r\n\r\n",
+        )
+        .await;
+        assert_eq!(code, 413);
+    }
+
+    #[tokio::test]
+    async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(300),
+            ..Limits::default()
+        };
+        let addr = server_with(limits).await;
+        let mut s = tokio::net::TcpStream::connect(addr).await.expect("connects");
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            .await
+            .expect("sends");
+        let mut buf = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+        assert!(closed.is_ok(), "the server closed the connection");
+    }
+
+    #[tokio::test]
+    async fn connections_past_the_cap_are_closed_at_once_and_served_again_once_one_ends() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = server_with(Limits {
+            max_connections: 2,
+            ..Limits::default()
+        })
+        .await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut s = tokio::net::TcpStream::connect(addr).await.expect("connects");
+            s.write_all(b"GET /heal").await.expect("sends");
+            held.push(s);
+        }
+        let mut third = tokio::net::TcpStream::connect(addr)
+            .await
+            .expect("the kernel accepts");
+        let mut buf = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(5), third.read_to_end(&mut buf)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "closed without an answer: {read:?}"
+        );
+        drop(held);
+        let answered = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                // A slot frees once the server notices the dropped connections.
+                let code = tokio::time::timeout(
+                    Duration::from_millis(500),
+                    status_of(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"),
+                )
+                .await;
+                if let Ok(code) = code {
+                    return code;
+                }
+            }
+        })
+        .await
+        .expect("served again");
+        assert_eq!(answered, 200);
     }
 
     #[test]

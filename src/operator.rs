@@ -49,6 +49,10 @@ pub struct ServeConfig {
     #[arg(long, env = "BAKER_SEED_API_TOKEN_FILE")]
     pub seed_api_token_file: Option<std::path::PathBuf>,
 
+    /// Serve the image listings (`GET /amis`, `GET /amis/{service}`) without the bearer token.
+    #[arg(long, env = "BAKER_SEED_API_PUBLIC_READS")]
+    pub seed_api_public_reads: bool,
+
     /// Namespace where `POST /bake` creates Bakes. Unset: the watched namespace, else the first of
     /// `--bake-namespaces`, else `default`.
     #[arg(long, env = "BAKER_SEED_API_NAMESPACE")]
@@ -145,13 +149,9 @@ pub async fn run(
                 .seed_api_token_file
                 .clone()
                 .ok_or(OperatorError::NoSeedToken)?;
-            let token = std::fs::read_to_string(&path)
+            let token = seed::TokenFile::open(path.clone())
                 .map_err(|source| OperatorError::SeedToken { path, source })?
-                .trim()
-                .to_string();
-            if token.is_empty() {
-                return Err(OperatorError::NoSeedToken);
-            }
+                .ok_or(OperatorError::NoSeedToken)?;
             let namespace = serve
                 .seed_api_namespace
                 .clone()
@@ -163,6 +163,7 @@ pub async fn run(
                 client: client.clone(),
                 namespace,
                 token,
+                public_reads: serve.seed_api_public_reads,
                 health: health.clone(),
             })));
         }

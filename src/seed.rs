@@ -3,9 +3,11 @@
 //! `POST /bake/{template}/{service}/{version}/{virtualizationType}`, which creates a Bake and
 //! streams its packer output, then a final line with the phase and the AMI id.
 //!
-//! Writes need `Authorization: Bearer <token>`; the token is read from a file (the chart mounts a
-//! Secret there) and never logged. A client that disconnects stops only its stream: the Bake
-//! goes on.
+//! `POST /bake` and the image listings (`/amis`) need `Authorization: Bearer <token>` (the
+//! listings not when the admin opts into public reads); the token is read from a file (the chart
+//! mounts a Secret there), read again when the file changes, compared in constant time and never
+//! logged. A client that disconnects stops only its stream: the Bake goes on. A stream follows a
+//! Bake at most for the Bake's own deadline (its template's timeout) plus time to start.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -26,7 +28,7 @@ use tokio::sync::mpsc;
 
 use crate::api::bake::{BakeSpec, VirtualizationType};
 use crate::api::catalog::{AmiCatalog, CatalogImage};
-use crate::api::{Bake, BakePhase};
+use crate::api::{Bake, BakePhase, BakeTemplate};
 use crate::http::Health;
 
 /// How many images `GET /amis/{service}` lists.
@@ -36,8 +38,60 @@ pub struct SeedState {
     pub client: Client,
     /// Where `POST /bake` creates Bakes.
     pub namespace: String,
-    pub token: String,
+    pub token: TokenFile,
+    /// Serve `GET /amis` without the token.
+    pub public_reads: bool,
     pub health: Arc<Health>,
+}
+
+/// Beyond a Bake's own timeout, how long a `POST /bake` stream waits for it to start (a queue, a
+/// pod that is scheduled and pulls its image).
+pub const FOLLOW_START_SLACK: Duration = Duration::from_secs(600);
+
+/// The bearer token, from a file that may change (a Secret the kubelet updates in place): read
+/// again whenever the file's modification time or size changes.
+pub struct TokenFile {
+    path: std::path::PathBuf,
+    current: std::sync::Mutex<(Option<(std::time::SystemTime, u64)>, String)>,
+}
+
+impl TokenFile {
+    /// Reads the token; an unreadable file is an error, an empty token is `None`.
+    pub fn open(path: std::path::PathBuf) -> std::io::Result<Option<TokenFile>> {
+        let token = TokenFile {
+            path,
+            current: std::sync::Mutex::new((None, String::new())),
+        };
+        token.refresh()?;
+        Ok((!token.token().is_empty()).then_some(token))
+    }
+
+    fn stamp(&self) -> std::io::Result<(std::time::SystemTime, u64)> {
+        let meta = std::fs::metadata(&self.path)?;
+        Ok((meta.modified()?, meta.len()))
+    }
+
+    fn refresh(&self) -> std::io::Result<()> {
+        let stamp = self.stamp()?;
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if current.0 != Some(stamp) {
+            let token = std::fs::read_to_string(&self.path)?.trim().to_string();
+            if current.0.is_some() {
+                tracing::info!(path = %self.path.display(), "the seed API token file changed: using the new token");
+            }
+            *current = (Some(stamp), token);
+        }
+        Ok(())
+    }
+
+    /// The token as the file says now; the last one read if the file cannot be read this moment
+    /// (a Secret update swaps a symlink).
+    pub fn token(&self) -> String {
+        if let Err(e) = self.refresh() {
+            tracing::warn!(path = %self.path.display(), error = %e, "cannot read the seed API token file; using the last token read");
+        }
+        self.current.lock().unwrap_or_else(|p| p.into_inner()).1.clone()
+    }
 }
 
 /// A request error: HTTP status, the field at fault (if any) and a message.
@@ -163,16 +217,31 @@ pub fn bake_name_prefix(service: &str, version: &str) -> String {
     format!("{trimmed}-")
 }
 
-/// Whether an `Authorization` header carries the token; compares in constant time.
+/// Whether an `Authorization` header carries the token (the scheme `Bearer` in any case, as HTTP
+/// allows); compared in constant time by `subtle`. A token anywhere else (the query string) is
+/// never read.
 pub fn authorized(header: Option<&str>, token: &str) -> bool {
-    let Some(given) = header.and_then(|h| h.strip_prefix("Bearer ")) else {
+    use subtle::ConstantTimeEq;
+    let Some((scheme, given)) = header.and_then(|h| h.split_once(' ')) else {
         return false;
     };
-    let (a, b) = (given.trim().as_bytes(), token.as_bytes());
-    if a.len() != b.len() || token.is_empty() {
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
         return false;
     }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    bool::from(given.trim().as_bytes().ct_eq(token.as_bytes()))
+}
+
+/// Refuses a request without the token.
+fn require_token(s: &SeedState, headers: &HeaderMap, what: &str) -> Result<(), ApiError> {
+    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
+    if authorized(auth, &s.token.token()) {
+        return Ok(());
+    }
+    Err(ApiError {
+        status: StatusCode::UNAUTHORIZED,
+        field: Some("Authorization"),
+        message: format!("a bearer token is required to {what}"),
+    })
 }
 
 /// The newest `n` images of a service across catalogs, without duplicates.
@@ -246,7 +315,20 @@ fn catalogs(health: &Health) -> Result<Vec<Arc<AmiCatalog>>, ApiError> {
     }
 }
 
-async fn amis(State(s): State<Arc<SeedState>>) -> Result<Response, ApiError> {
+/// Image listings need the token unless the admin made them public.
+fn may_read(s: &SeedState, headers: &HeaderMap) -> Result<(), ApiError> {
+    if s.public_reads {
+        return Ok(());
+    }
+    require_token(
+        s,
+        headers,
+        "list images (or run the operator with --seed-api-public-reads)",
+    )
+}
+
+async fn amis(State(s): State<Arc<SeedState>>, headers: HeaderMap) -> Result<Response, ApiError> {
+    may_read(&s, &headers)?;
     let catalogs = catalogs(&s.health)?;
     let latest: Vec<_> = catalogs
         .iter()
@@ -263,8 +345,10 @@ async fn amis(State(s): State<Arc<SeedState>>) -> Result<Response, ApiError> {
 
 async fn amis_for_service(
     State(s): State<Arc<SeedState>>,
+    headers: HeaderMap,
     Path(service): Path<String>,
 ) -> Result<Response, ApiError> {
+    may_read(&s, &headers)?;
     if !dns_label(&service) {
         return Err(ApiError::field(
             "service",
@@ -281,15 +365,24 @@ async fn bake(
     headers: HeaderMap,
     Path((template, service, version, virt)): Path<(String, String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let auth = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    if !authorized(auth, &s.token) {
-        return Err(ApiError {
-            status: StatusCode::UNAUTHORIZED,
-            field: Some("Authorization"),
-            message: "a bearer token is required to bake".into(),
-        });
-    }
+    require_token(&s, &headers, "bake")?;
     let spec = parse_bake_request(&template, &service, &version, &virt)?;
+    // An unknown template is the client's error, said at once, and makes no Bake.
+    let templates: Api<BakeTemplate> = Api::all(s.client.clone());
+    let Some(found) = templates
+        .get_opt(&template)
+        .await
+        .map_err(|e| ApiError::internal(format!("reading the BakeTemplate failed: {e}")))?
+    else {
+        return Err(ApiError {
+            status: StatusCode::NOT_FOUND,
+            field: Some("template"),
+            message: format!("no BakeTemplate {template:?}"),
+        });
+    };
+    let deadline = tokio::time::Instant::now()
+        + Duration::from_secs(u64::try_from(found.spec.timeout_seconds()).unwrap_or_default())
+        + FOLLOW_START_SLACK;
     let bake = Bake {
         metadata: ObjectMeta {
             generate_name: Some(bake_name_prefix(&service, &version)),
@@ -314,7 +407,19 @@ async fn bake(
     let name = created.name_any();
     tracing::info!(bake = %name, namespace = %s.namespace, "Bake created through the HTTP API");
     let (tx, rx) = mpsc::channel::<String>(64);
-    tokio::spawn(follow(s.clone(), name, tx));
+    tokio::spawn(async move {
+        let (namespace, bake) = (s.namespace.clone(), name.clone());
+        if tokio::time::timeout_at(deadline, follow(s, name, tx.clone()))
+            .await
+            .is_err()
+        {
+            let _ = tx
+                .send(format!(
+                    "stopped following: the Bake passed its deadline without ending; it goes on: kubectl -n {namespace} get bake {bake}\n"
+                ))
+                .await;
+        }
+    });
     let stream = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
@@ -481,6 +586,38 @@ mod tests {
         assert!(!authorized(Some("s3cret"), "s3cret"));
         assert!(!authorized(None, "s3cret"));
         assert!(!authorized(Some("Bearer "), ""));
+        assert!(
+            authorized(Some("bearer s3cret"), "s3cret"),
+            "the scheme is case-insensitive"
+        );
+        assert!(authorized(Some("BEARER s3cret"), "s3cret"));
+        assert!(!authorized(Some("Basic s3cret"), "s3cret"));
+        assert!(!authorized(Some("Bearer s3cret2"), "s3cret"));
+    }
+
+    #[test]
+    fn the_token_file_is_read_again_when_it_changes_and_the_last_token_kept_when_unreadable() {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let path = dir.path().join("token");
+        std::fs::write(&path, "first\n").expect("write");
+        let token = TokenFile::open(path.clone())
+            .expect("readable")
+            .expect("not empty");
+        assert_eq!(token.token(), "first");
+        // A different size is a change even within one mtime tick.
+        std::fs::write(&path, "second-token\n").expect("write");
+        assert_eq!(token.token(), "second-token");
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(
+            token.token(),
+            "second-token",
+            "kept while the file is being swapped"
+        );
+        std::fs::write(&path, "  \n").expect("write");
+        assert!(
+            TokenFile::open(path).expect("readable").is_none(),
+            "an empty token is none"
+        );
     }
 
     #[test]

@@ -90,7 +90,7 @@ tail -n 1 "$demo_dir/api-bake.log" | grep -q '^phase=Succeeded amiId=ami-' ||
 
 say "GET /amis/simple-service (from the AmiCatalog)"
 for _ in $(seq 100); do
-	listed=$(curl -sS "$api/amis/simple-service")
+	listed=$(curl -sS -H "Authorization: Bearer $(cat "$demo_dir/api-token")" "$api/amis/simple-service")
 	grep -q "$ami" <<<"$listed" && break
 	sleep 0.2
 done
