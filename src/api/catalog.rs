@@ -35,13 +35,17 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "camelCase")]
 pub struct AmiCatalogSpec {
     /// AWS region to list images in.
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z]{2}(-[a-z]+)+-[0-9]+$')").message("region must look like an AWS region, e.g. eu-west-1"))]
     #[schemars(length(min = 1, max = 32))]
     pub region: String,
 
     /// Image owners: account ids, `self`, `amazon` or `aws-marketplace`. Default `self`. Owners
     /// other than `self` and account ids need a `namePattern`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 10))]
+    #[schemars(
+        length(max = 10),
+        inner(regex(pattern = r"^([0-9]{12}|self|amazon|aws-marketplace)$"))
+    )]
     pub owners: Vec<String>,
 
     /// Image name pattern (`*` and `?` wildcards).
@@ -56,6 +60,7 @@ pub struct AmiCatalogSpec {
 
     /// Only images Baker baked for this service (its `baker.io/service` tag).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$')").message("service must be a DNS-1123 label, as a Bake's service is"))]
     #[schemars(length(min = 1, max = 63))]
     pub service: Option<String>,
 

@@ -54,6 +54,7 @@ pub struct BakeTemplateSpec {
 
     /// EC2 instance type for the temporary build instance (`amazon-ebs` only). Default `t3.micro`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z0-9][a-z0-9-]*\\\\.[a-z0-9]+$')").message("instanceType must be an EC2 instance type, e.g. t3.micro"))]
     #[schemars(length(min = 1, max = 64))]
     pub instance_type: Option<String>,
 
@@ -64,6 +65,7 @@ pub struct BakeTemplateSpec {
 
     /// SSH user on the source image when the communicator is `ssh`. Default `ec2-user`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[A-Za-z_][A-Za-z0-9_.-]*$')").message("sshUsername must be a user name: letters, digits, '_', '.' and '-'"))]
     #[schemars(length(min = 1, max = 64))]
     pub ssh_username: Option<String>,
 
@@ -79,11 +81,13 @@ pub struct BakeTemplateSpec {
     /// `{template}` and `{timestamp}` (Unix seconds at build time). Characters AMI names do not
     /// allow are replaced. Default `{service}-{version}-{virtualizationType}-{timestamp}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[A-Za-z0-9()\\\\[\\\\] ./\\'@_{}-]+$') && !self.contains('{{') && !self.contains('}}')").message("amiName may use letters, digits, spaces, ( ) [ ] . / - ' @ _ and {placeholders}, and no {{ or }}"))]
     #[schemars(length(min = 3, max = 128))]
     pub ami_name: Option<String>,
 
     /// Description of the AMI, with the same placeholders as `amiName`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("!self.contains('{{') && !self.contains('}}') && !self.matches('[\\\\x00-\\\\x1f\\\\x7f]')").message("amiDescription may not contain {{, }} or control characters"))]
     #[schemars(length(max = 255))]
     pub ami_description: Option<String>,
 
@@ -92,7 +96,10 @@ pub struct BakeTemplateSpec {
     /// cannot be overridden here.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[x_kube(validation = kube::core::Rule::new("self.all(k, !k.startsWith('baker.io/'))").message("tags under baker.io/ are reserved for Baker"))]
-    #[schemars(length(max = 40))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(k, !k.startsWith('aws:'))").message("tags under aws: are reserved by AWS"))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(k, size(k) <= 128)").message("tag keys are at most 128 characters"))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(k, !k.contains('{{') && !k.contains('}}') && !self[k].contains('{{') && !self[k].contains('}}'))").message("tags may not contain {{ or }}"))]
+    #[schemars(schema_with = "tags_schema")]
     pub tags: BTreeMap<String, String>,
 
     /// Hard limit for one bake, in seconds: the bake pod's `activeDeadlineSeconds`. Default 1800
@@ -217,18 +224,23 @@ pub struct CatalogSource {
 #[serde(rename_all = "camelCase")]
 pub struct ImageFilter {
     /// Image owners: account ids, `self`, `amazon` or `aws-marketplace`.
-    #[schemars(length(min = 1, max = 10))]
+    #[schemars(
+        length(min = 1, max = 10),
+        inner(regex(pattern = r"^([0-9]{12}|self|amazon|aws-marketplace)$"))
+    )]
     pub owners: Vec<String>,
 
     /// Image name pattern (`*` and `?` wildcards), e.g. `amzn2-ami-hvm-*-x86_64-gp2`. May use the
     /// `{virtualizationType}` placeholder.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("!self.contains('{{') && !self.contains('}}')").message("the filter's name may not contain {{ or }}"))]
     #[schemars(length(min = 1, max = 128))]
     pub name: Option<String>,
 
     /// Tags the image must carry, key to value.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(length(max = 10))]
+    #[x_kube(validation = kube::core::Rule::new("self.all(k, !k.contains('{{') && !k.contains('}}') && !self[k].contains('{{') && !self[k].contains('}}'))").message("the filter's tags may not contain {{ or }}"))]
+    #[schemars(schema_with = "filter_tags_schema")]
     pub tags: BTreeMap<String, String>,
 }
 
@@ -238,12 +250,32 @@ pub struct ImageFilter {
 pub struct Provisioner {
     /// A short name for the step, shown in the bake's logs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("!self.contains('{{') && !self.contains('}}')").message("a step's name may not contain {{ or }}"))]
     #[schemars(length(max = 63))]
     pub name: Option<String>,
 
     /// The shell lines. Read the Bake's values from `BAKE_*` environment variables.
     #[schemars(length(min = 1, max = 200))]
     pub shell: Vec<String>,
+}
+
+/// A template's tags: at most 40 (EC2 allows 50 per resource and Baker adds up to 10 of its own),
+/// each value at most 256 characters as EC2 allows.
+fn tags_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    tag_map(40)
+}
+
+/// A filter's tags: at most 10.
+fn filter_tags_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    tag_map(10)
+}
+
+fn tag_map(max: u32) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": max,
+        "additionalProperties": { "type": "string", "maxLength": 256 },
+    })
 }
 
 impl BakeTemplateSpec {
