@@ -210,7 +210,14 @@ pub fn bake_name_prefix(service: &str, version: &str) -> String {
                 '-'
             }
         })
-        .collect();
+        .collect::<String>()
+        // A DNS name's dot-separated labels are never empty and start and end alphanumeric: a
+        // version like `1..0` or `1.-rc` would otherwise make the API server refuse the name.
+        .split('.')
+        .map(|label| label.trim_matches('-'))
+        .filter(|label| !label.is_empty())
+        .collect::<Vec<_>>()
+        .join(".");
     let mut prefix = format!("{service}-{version}");
     prefix.truncate(50);
     let trimmed = prefix.trim_end_matches(['-', '.']).to_string();
@@ -628,6 +635,8 @@ mod tests {
         );
         assert_eq!(bake_name_prefix("svc", "1.0+Build_7"), "svc-1.0-build-7-");
         assert!(bake_name_prefix(&"s".repeat(63), "1.0").len() <= 51);
+        assert_eq!(bake_name_prefix("svc", "1..0"), "svc-1.0-");
+        assert_eq!(bake_name_prefix("svc", "1.-RC.~2"), "svc-1.rc.2-");
     }
 
     fn catalog(service: Option<&str>, images: &[(&str, &str, Option<&str>)]) -> AmiCatalog {
