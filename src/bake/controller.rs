@@ -904,6 +904,15 @@ pub fn run(ctx: Arc<Context>, caches: &Caches) -> impl Future<Output = ()> + use
                 let mut unfinished = locked(&ends.unfinished);
                 if !bake.phase().is_some_and(|p| p.is_terminal()) {
                     unfinished.insert(uid);
+                    // A Bake deleted before it finished (and before its finalizer was on) leaves
+                    // no event here: once the set outgrows the cache, keep only what is cached,
+                    // so a tenant creating and deleting Bakes cannot grow it without bound.
+                    // The check is O(1); the prune, O(cache), runs once per growth past the bound.
+                    if unfinished.len() > 2 * queue_store.len() + 1024 {
+                        let live: std::collections::HashSet<String> =
+                            queue_store.state().iter().filter_map(|b| b.uid()).collect();
+                        unfinished.retain(|u| live.contains(u));
+                    }
                     return Vec::new();
                 }
                 unfinished.remove(&uid)
