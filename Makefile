@@ -18,7 +18,7 @@ rig-down: ## stop exactly what rig-up started and remove its state
 rig-status: ## show the rig's processes and ports
 	$(RIG) status
 
-test: ## all tests against the rig (brought up, and down at the end, if it was not up); CARGO_TEST_ARGS passes through
+test: ## all tests against the rig (brought up, and down at the end, if it was not up); ONLY=<filter> runs just the e2e tests matching it
 	tests/rig/run-tests.sh
 
 bench: ## scale benchmark on the rig, full size, release operator (about 35 min): table, and target/bench/report.json

@@ -9,17 +9,15 @@
 //!
 //! Run without `--size` (as `cargo test --benches` would), it does nothing: it needs the rig.
 
-#[path = "../tests/bake_support/mod.rs"]
-mod bake_support;
 #[path = "scale/harness.rs"]
 mod harness;
 #[path = "scale/phases.rs"]
 mod phases;
 #[path = "scale/report.rs"]
 mod report;
-#[path = "../tests/ship_support/mod.rs"]
-mod ship_support;
-#[path = "../tests/support/mod.rs"]
+// The e2e tests' helpers (with `bake`, `ship` and `render` under it); the bench uses part of them.
+#[path = "../tests/e2e/support/mod.rs"]
+#[allow(dead_code)]
 mod support;
 
 use std::path::Path;
@@ -177,7 +175,7 @@ async fn preflight() -> Result<(&'static support::Rig, kube::Client, serde_json:
             rig.node_name()
         );
     }
-    let bin = bake_support::baker_bin();
+    let bin = support::bake::baker_bin();
     if !bin.is_file() {
         bail!(
             "the operator binary {} does not exist (set BAKER_BIN, or run `make bench`)",
@@ -227,7 +225,7 @@ async fn run(args: &Args, size: Size) -> Result<Vec<String>> {
     let started = Instant::now();
     let timestamp = jiff::Timestamp::now();
     let (rig, client, env) = preflight().await?;
-    let bin = bake_support::baker_bin();
+    let bin = support::bake::baker_bin();
     eprintln!(
         "bench ({size:?}): N={} B={} L={} Q={}, operator {}",
         sizes.n,

@@ -10,13 +10,13 @@ use anyhow::{Context, Result, anyhow, bail};
 use baker::api::{Bake, BakePhase, BakeTemplate};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
-use kube::api::{Api, DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 
-use crate::bake_support::{Operator, apply_template, bake_yaml, credentials_secret, rig_template};
-use crate::ship_support;
 use crate::support::Rig;
+use crate::support::bake::{Operator, apply_template, bake_yaml, credentials_secret, rig_template};
+use crate::support::ship;
 
 /// The label on the bench's namespaces (not the tests' `baker.io/test`: the tests wait for
 /// those to go away, and a bench namespace lives for minutes).
@@ -48,22 +48,11 @@ pub const PARKED_SELECTOR: (&str, &str) = ("bench.baker.io/no-such-node", "true"
 impl Bench {
     /// A fresh namespace `bench-<random>` with the credentials Secret and both templates.
     pub async fn setup(rig: &'static Rig, client: Client) -> Result<Bench> {
-        crate::bake_support::install_crds(rig)
+        crate::support::bake::install_crds(rig)
             .await
             .context("installing Baker's CRDs")?;
         let ns = format!("bench-{}", crate::support::random_suffix());
-        let namespace = Namespace {
-            metadata: ObjectMeta {
-                name: Some(ns.clone()),
-                labels: Some([(BENCH_LABEL.0.to_string(), BENCH_LABEL.1.to_string())].into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &namespace)
-            .await
-            .with_context(|| format!("creating namespace {ns}"))?;
+        crate::support::create_namespace(&client, &ns, BENCH_LABEL).await?;
         Api::<Secret>::namespaced(client.clone(), &ns)
             .create(&PostParams::default(), &credentials_secret(rig)?)
             .await
@@ -272,7 +261,7 @@ impl Running {
                 bail!(
                     "no process with `--http-addr {}` 5 s after starting the operator ({})",
                     op.http,
-                    crate::bake_support::baker_bin().display()
+                    crate::support::bake::baker_bin().display()
                 );
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -288,7 +277,7 @@ impl Running {
     pub async fn wait_ready(&self, timeout: Duration) -> Result<Instant> {
         let deadline = Instant::now() + timeout;
         loop {
-            if let Ok(r) = ship_support::get(&self.op.http, "/readyz").await
+            if let Ok(r) = ship::get(&self.op.http, "/readyz").await
                 && r.status == 200
             {
                 return Ok(Instant::now());
@@ -324,7 +313,7 @@ impl Running {
     }
 
     pub async fn metrics(&self) -> Result<Metrics> {
-        let reply = ship_support::get(&self.op.http, "/metrics")
+        let reply = ship::get(&self.op.http, "/metrics")
             .await
             .with_context(|| format!("reading the operator's metrics on {}", self.op.http))?;
         if reply.status != 200 {
@@ -604,7 +593,7 @@ impl BakeWatchState {
         let mut history = before.as_ref().map(|b| b.history.clone()).unwrap_or_default();
         if before.as_ref().is_none_or(|b| b.resource_version != rv) {
             let fin = if bake.finalizers().is_empty() { "" } else { "+fin" };
-            let reason = crate::bake_support::ready_reason(bake).unwrap_or_else(|| "-".into());
+            let reason = crate::support::bake::ready_reason(bake).unwrap_or_else(|| "-".into());
             let phase = phase.map_or("-", |p| p.as_str());
             history.push((now, format!("{phase}/{reason}{fin}")));
         }

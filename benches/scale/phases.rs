@@ -70,7 +70,7 @@ pub async fn overhead(bench: &Bench, sizes: &Sizes, figures: &mut Vec<Figure>) -
     let template_file = dir.path().join("template.yaml");
     std::fs::write(
         &template_file,
-        crate::bake_support::rig_template(&bench.template, ""),
+        crate::support::bake::rig_template(&bench.template, ""),
     )?;
     let mut baker_times = Vec::new();
     let mut bare_times = Vec::new();
@@ -107,7 +107,7 @@ pub async fn overhead(bench: &Bench, sizes: &Sizes, figures: &mut Vec<Figure>) -
         bare.metadata.namespace = Some(bench.ns.clone());
         let bake_file = dir.path().join(format!("bare-{i:02}.yaml"));
         std::fs::write(&bake_file, serde_yaml::to_string(&bare)?)?;
-        let mut render = bench.rig.command(crate::bake_support::baker_bin());
+        let mut render = bench.rig.command(crate::support::bake::baker_bin());
         render
             .arg("template")
             .arg("render")

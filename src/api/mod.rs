@@ -6,6 +6,8 @@
 pub mod bake;
 pub mod catalog;
 pub mod conditions;
+#[cfg(test)]
+mod drift_tests;
 pub mod template;
 
 pub use bake::{Bake, BakePhase, BakeSpec, BakeStatus, VirtualizationType};

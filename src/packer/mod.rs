@@ -1,5 +1,7 @@
 //! Packer: rendering templates (pure) and reading what Packer reports back.
 
+#[cfg(test)]
+mod golden_tests;
 pub mod manifest;
 pub mod render;
 

@@ -3,14 +3,16 @@
 # down at the end, even when tests fail, then checks that nothing of it survived. A rig that was
 # already running stays up (a half-dead one is repaired first).
 #
-# Every test binary of the workspace runs, one after another, even when an earlier one failed;
-# moto's EC2 state is reset before each binary that uses the rig, so no binary depends on what
-# another left behind. A summary line per binary (result, counts, seconds) closes the run.
-# Exits non-zero if any binary failed, or if the rig's own checks did.
+# Every test runs (tests/rig/test-binaries.sh): the unit tests a binary at a time, the e2e binary
+# a module at a time, each even when an earlier one failed; moto's EC2 state is reset before each
+# e2e module, so no module depends on what another left behind. A summary line per unit (result,
+# counts, seconds) closes the run. Exits non-zero if any unit failed, or if the rig's own checks
+# did.
 #
-# Env: BAKER_RIG_DIR (state dir); CARGO_TEST_ARGS: run one `cargo test $CARGO_TEST_ARGS` instead
-# of every binary (e.g. CARGO_TEST_ARGS='--test requests_e2e'); BAKER_TEST_SHUFFLE=SEED: run the
-# binaries in a shuffled order.
+# Env: BAKER_RIG_DIR (state dir); ONLY=<filter>: run just `cargo test --test e2e --
+# --include-ignored <filter>` instead (e.g. ONLY=bake_lifecycle::with_a_cap; libtest matches it
+# anywhere in a test's path; one module at a time, see tests/e2e/main.rs); BAKER_TEST_SHUFFLE=SEED:
+# run the units in a shuffled order.
 set -uo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -68,9 +70,10 @@ fi
 # shellcheck disable=SC1091
 . "$state/env"
 start=$SECONDS
-if [ -n "${CARGO_TEST_ARGS:-}" ]; then
+if [ -n "${ONLY:-}" ]; then
+	# Unquoted: several filters, or libtest flags such as --exact, may be given.
 	# shellcheck disable=SC2086
-	(cd "$root" && cargo test --workspace $CARGO_TEST_ARGS)
+	(cd "$root" && cargo test --test e2e -- --include-ignored $ONLY)
 	tests_rc=$?
 else
 	"$here/test-binaries.sh"

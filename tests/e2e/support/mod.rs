@@ -1,11 +1,14 @@
-//! Support for integration tests that run against the local rig (`tests/rig/rig.sh`, `make rig-up`).
+//! Support for the tests that run against the local rig (`tests/rig/rig.sh`, `make rig-up`).
 //!
-//! Use it from a test file with `mod support;`. The rig is found through `BAKER_RIG_DIR` or at
-//! `<crate>/target/rig`; a test that needs it and does not find it fails with a message saying
-//! how to start it, it never skips quietly. Everything is read from the rig's state directory
-//! (its `env` file and `kubeconfig`), not from the test process's environment, so a test behaves
-//! the same under `make test`, a bare `cargo test` and an IDE.
-#![allow(dead_code)] // Each test file uses a different part of this module.
+//! The rig is found through `BAKER_RIG_DIR` or at `<crate>/target/rig`; a test that needs it and
+//! does not find it fails with a message saying how to start it, it never skips quietly.
+//! Everything is read from the rig's state directory (its `env` file and `kubeconfig`), not from
+//! the test process's environment, so a test behaves the same under `make test`, a bare
+//! `cargo test` and an IDE. The scale benchmark (`benches/scale.rs`) includes this module too.
+
+pub mod bake;
+pub mod render;
+pub mod ship;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -70,11 +73,6 @@ impl Rig {
 
     pub fn kubeconfig_path(&self) -> PathBuf {
         self.dir.join("kubeconfig")
-    }
-
-    /// The variables of the rig's `env` file (`KUBECONFIG`, `AWS_ENDPOINT_URL_EC2`, `PATH`, ...).
-    pub fn env(&self) -> &BTreeMap<String, String> {
-        &self.env
     }
 
     /// One variable of the rig's `env` file; panics if the file lacks it (a rig of another version).
@@ -310,18 +308,7 @@ pub struct TestNamespace {
 impl TestNamespace {
     pub async fn new(client: &Client, prefix: &str) -> Result<Self> {
         let name = format!("{prefix}-{}", random_suffix());
-        let ns = Namespace {
-            metadata: ObjectMeta {
-                name: Some(name.clone()),
-                labels: Some([(TEST_LABEL.0.to_owned(), TEST_LABEL.1.to_owned())].into()),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .with_context(|| format!("creating namespace {name}"))?;
+        create_namespace(client, &name, TEST_LABEL).await?;
         Ok(TestNamespace {
             name,
             client: client.clone(),
@@ -351,6 +338,23 @@ impl TestNamespace {
         }
         delete_namespace(&self.client, &self.name).await
     }
+}
+
+/// Creates the namespace `name` with the label `label`, which marks it for finding and removal.
+pub async fn create_namespace(client: &Client, name: &str, label: (&str, &str)) -> Result<()> {
+    let ns = Namespace {
+        metadata: ObjectMeta {
+            name: Some(name.to_owned()),
+            labels: Some([(label.0.to_owned(), label.1.to_owned())].into()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .with_context(|| format!("creating namespace {name}"))?;
+    Ok(())
 }
 
 fn keep_namespaces() -> bool {

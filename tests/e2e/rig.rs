@@ -1,7 +1,5 @@
 //! The rig itself: what the operator's tests and the demo rely on. Needs `make rig-up`.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -13,7 +11,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::Api;
 use kube::api::{DeleteParams, ListParams, ObjectMeta, PostParams};
 use serde_json::json;
-use support::*;
+
+use crate::support::*;
 
 /// The local node runs a container's command on the host and ignores its image.
 const IMAGE: &str = "busybox:stable";
@@ -30,6 +29,19 @@ fn host_pod(name: &str, script: &str, grace_seconds: Option<i64>) -> Pod {
         },
     }))
     .expect("a valid pod")
+}
+
+/// Runs `script` in the host pod `name` in a fresh namespace `<prefix>-<random>`, and returns the
+/// namespace and the pod once it ended.
+async fn pod_ended(prefix: &str, name: &str, script: &str) -> Result<(TestNamespace, Pod)> {
+    let client = rig().client().await?;
+    let ns = TestNamespace::new(&client, prefix).await?;
+    let pods: Api<Pod> = ns.api();
+    pods.create(&PostParams::default(), &host_pod(name, script, None))
+        .await?;
+    let ended = &["Succeeded", "Failed"];
+    let pod = wait_for_pod_phase(&pods, name, ended, Duration::from_secs(90)).await?;
+    Ok((ns, pod))
 }
 
 fn config_map(name: &str) -> ConfigMap {
@@ -55,6 +67,7 @@ fn terminated(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::ContainerStateTe
 }
 
 #[tokio::test]
+#[ignore = "needs the rig: make test"]
 async fn apiserver_reports_v1_37_and_node_is_ready() -> Result<()> {
     let rig = rig();
     let out = rig.kubectl(["version", "-o", "json"]).await?.ok()?;
@@ -89,6 +102,7 @@ async fn apiserver_reports_v1_37_and_node_is_ready() -> Result<()> {
 }
 
 #[tokio::test]
+#[ignore = "needs the rig: make test"]
 async fn rbac_refuses_service_account_until_role_grants_it() -> Result<()> {
     let rig = rig();
     let client = rig.client().await?;
@@ -175,15 +189,10 @@ async fn rbac_refuses_service_account_until_role_grants_it() -> Result<()> {
 }
 
 #[tokio::test]
+#[ignore = "needs the rig: make test"]
 async fn pod_succeeds_with_termination_message_and_logs() -> Result<()> {
     let rig = rig();
-    let client = rig.client().await?;
-    let ns = TestNamespace::new(&client, "pod-ok").await?;
-    let pods: Api<Pod> = ns.api();
-    let pod = host_pod("hello", "echo hello; echo done > /dev/termination-log", None);
-    pods.create(&PostParams::default(), &pod).await?;
-
-    let pod = wait_for_pod_phase(&pods, "hello", &["Succeeded", "Failed"], Duration::from_secs(90)).await?;
+    let (ns, pod) = pod_ended("pod-ok", "hello", "echo hello; echo done > /dev/termination-log").await?;
     assert_eq!(pod_phase(&pod), Some("Succeeded"), "pod status: {:?}", pod.status);
     // No nodeName was given: the scheduler placed it.
     assert_eq!(
@@ -204,14 +213,9 @@ async fn pod_succeeds_with_termination_message_and_logs() -> Result<()> {
 }
 
 #[tokio::test]
+#[ignore = "needs the rig: make test"]
 async fn failing_pod_reports_exit_code() -> Result<()> {
-    let client = rig().client().await?;
-    let ns = TestNamespace::new(&client, "pod-fail").await?;
-    let pods: Api<Pod> = ns.api();
-    pods.create(&PostParams::default(), &host_pod("fails", "exit 3", None))
-        .await?;
-
-    let pod = wait_for_pod_phase(&pods, "fails", &["Succeeded", "Failed"], Duration::from_secs(90)).await?;
+    let (ns, pod) = pod_ended("pod-fail", "fails", "exit 3").await?;
     assert_eq!(pod_phase(&pod), Some("Failed"), "pod status: {:?}", pod.status);
     assert_eq!(
         terminated(&pod)
@@ -233,6 +237,7 @@ fn find_process(argv: &[&str]) -> Option<u32> {
 }
 
 #[tokio::test]
+#[ignore = "needs the rig: make test"]
 async fn deleting_running_pod_stops_process_within_grace_period() -> Result<()> {
     const GRACE: u64 = 10;
     let client = rig().client().await?;
@@ -272,6 +277,7 @@ async fn deleting_running_pod_stops_process_within_grace_period() -> Result<()> 
 }
 
 #[tokio::test]
+#[ignore = "needs the rig: make test"]
 async fn namespace_deletion_completes_and_owned_configmap_is_collected() -> Result<()> {
     let client = rig().client().await?;
     let ns = TestNamespace::new(&client, "gc").await?;
@@ -304,6 +310,7 @@ async fn namespace_deletion_completes_and_owned_configmap_is_collected() -> Resu
 }
 
 #[tokio::test]
+#[ignore = "needs the rig: make test"]
 async fn ec2_serves_seeded_source_images() -> Result<()> {
     let out = rig()
         .ec2()
@@ -350,6 +357,7 @@ async fn ec2_serves_seeded_source_images() -> Result<()> {
 }
 
 #[tokio::test]
+#[ignore = "needs the rig: make test"]
 async fn packer_builds_ami_in_moto() -> Result<()> {
     let rig = rig();
     let dir = tempfile::tempdir()?;
@@ -407,6 +415,7 @@ async fn packer_builds_ami_in_moto() -> Result<()> {
     Ok(())
 }
 
+// Pure: the parser that finds the rig, so it runs without one.
 #[test]
 fn env_file_parser_handles_shell_quoting() {
     let vars = parse_env(

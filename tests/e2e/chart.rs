@@ -1,28 +1,24 @@
-//! The Helm chart `charts/baker`: it lints and renders cleanly, its CRDs are the generated ones,
-//! its RBAC is least privilege (checked with `kubectl auth can-i` on the rig), and an operator
-//! authenticated only with the chart's ServiceAccount token, run as the chart's Deployment
-//! specifies, bakes an image end to end (two of them: one leads, the other stands by).
-
-mod bake_support;
-mod ship_support;
-mod support;
+//! The Helm chart `charts/baker` on the rig: it lints and renders cleanly, its RBAC is least
+//! privilege (checked with `kubectl auth can-i`), and an operator authenticated only with the
+//! chart's ServiceAccount token, run as the chart's Deployment specifies, bakes an image end to end
+//! (two of them: one leads, the other stands by). What needs no rig (its CRDs, pinned versions and
+//! RBAC comments) is checked in `src/api/drift_tests.rs`.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bake_support::*;
 use baker::api::{Bake, BakePhase};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::PostParams;
 use serde::Deserialize;
-use ship_support::*;
-use support::{CmdOutput, Rig, TestNamespace, rig};
 
-const BAKE_TIMEOUT: Duration = Duration::from_secs(180);
+use crate::support::bake::*;
+use crate::support::ship::*;
+use crate::support::{CmdOutput, Rig, TestNamespace, rig};
 
 fn chart_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/baker")
@@ -35,95 +31,11 @@ where
 {
     let mut cmd = rig.command(rig.bin_dir().join("helm"));
     cmd.env("KUBECONFIG", rig.kubeconfig_path()).args(args);
-    support::run(cmd).await
-}
-
-#[test]
-fn chart_crds_are_the_generated_crds_byte_for_byte() -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let mut names: Vec<_> = std::fs::read_dir(root.join("crds"))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()?;
-    names.sort();
-    let mut chart: Vec<_> = std::fs::read_dir(chart_dir().join("crds"))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<Result<_, _>>()?;
-    chart.sort();
-    assert_eq!(
-        names, chart,
-        "charts/baker/crds must hold exactly the files of crds/"
-    );
-    for name in names {
-        let generated = std::fs::read(root.join("crds").join(&name))?;
-        let copied = std::fs::read(chart_dir().join("crds").join(&name))?;
-        assert!(
-            generated == copied,
-            "charts/baker/crds/{} differs from crds/: run `make chart-crds`",
-            name.to_string_lossy()
-        );
-    }
-    Ok(())
-}
-
-/// The value of `ARG name=value` (or `FROM image:value` for a `FROM` prefix) in a Dockerfile.
-fn dockerfile_value(text: &str, prefix: &str) -> Option<String> {
-    text.lines()
-        .find_map(|l| l.trim().strip_prefix(prefix))
-        .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
-}
-
-#[test]
-fn chart_defaults_and_dockerfiles_pin_the_same_versions_as_the_crate() -> Result<()> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let chart: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("Chart.yaml"))?)?;
-    let values: serde_yaml::Value =
-        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml"))?)?;
-    let bake = std::fs::read_to_string(root.join("images/bake.Dockerfile"))?;
-    let operator = std::fs::read_to_string(root.join("images/operator.Dockerfile"))?;
-
-    // The operator image's default tag is the chart's appVersion: the crate's version.
-    assert_eq!(
-        chart["appVersion"].as_str(),
-        Some(env!("CARGO_PKG_VERSION")),
-        "Chart.yaml appVersion"
-    );
-    // It is built with the crate's minimum Rust.
-    assert_eq!(
-        dockerfile_value(&operator, "FROM docker.io/library/rust:").as_deref(),
-        Some(format!("{}-bookworm", env!("CARGO_PKG_RUST_VERSION")).as_str()),
-        "images/operator.Dockerfile build stage"
-    );
-    // The default bake image's tag names the Packer the bake Dockerfile pins.
-    let packer = dockerfile_value(&bake, "ARG PACKER_VERSION=").context("PACKER_VERSION")?;
-    let bake_image = values["bakeImage"].as_str().context("values.yaml bakeImage")?;
-    assert!(
-        bake_image.ends_with(&format!(":packer-{packer}")),
-        "values.yaml bakeImage {bake_image} is not the bake image of Packer {packer}"
-    );
-    Ok(())
-}
-
-#[test]
-fn every_rbac_rule_of_the_chart_has_a_comment_naming_its_code() -> Result<()> {
-    for file in [
-        "clusterrole.yaml",
-        "role-bake-namespaces.yaml",
-        "role-leader-election.yaml",
-    ] {
-        let text = std::fs::read_to_string(chart_dir().join("templates").join(file))?;
-        let lines: Vec<&str> = text.lines().collect();
-        for (i, line) in lines.iter().enumerate() {
-            if line.trim_start().starts_with("- apiGroups:") {
-                let above = lines[..i].last().map(|l| l.trim_start()).unwrap_or("");
-                assert!(above.starts_with('#'), "{file}:{}: rule without a comment", i + 1);
-            }
-        }
-    }
-    Ok(())
+    crate::support::run(cmd).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn chart_lints_strictly_and_renders_without_warnings_or_wildcards() -> Result<()> {
     let rig = rig();
     let dir = chart_dir();
@@ -196,26 +108,17 @@ async fn can_i(rig: &Rig, who: &str, args: &[&str]) -> Result<bool> {
 const OPERATOR_AWS_SECRET: &str = "operator-aws";
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn two_operators_run_as_the_chart_deployment_says_with_only_its_service_account_token_one_bakes()
 -> Result<()> {
-    let rig = rig();
-    let client = rig.client().await?;
     // The namespace where bakes are allowed, and the release's namespace.
-    let bake_ns = namespace(rig, &client, "chart-bakes").await?;
+    let (rig, client, bake_ns, template) = namespace_with_template("chart-bakes", "").await?;
     let release_ns = TestNamespace::new(&client, "chart-rel").await?;
     let other_ns = TestNamespace::new(&client, "chart-other").await?;
     let release = release_ns.name().to_string();
-    let secret: Secret = serde_json::from_value(serde_json::json!({
-        "apiVersion": "v1", "kind": "Secret",
-        "metadata": {"name": OPERATOR_AWS_SECRET},
-        "stringData": {
-            "AWS_ACCESS_KEY_ID": rig.var("AWS_ACCESS_KEY_ID"),
-            "AWS_SECRET_ACCESS_KEY": rig.var("AWS_SECRET_ACCESS_KEY"),
-        }
-    }))?;
     release_ns
         .api::<Secret>()
-        .create(&PostParams::default(), &secret)
+        .create(&PostParams::default(), &aws_secret(rig, OPERATOR_AWS_SECRET)?)
         .await?;
     let set = [
         // The rig's node runs pods as host processes and cannot run the operator image: the
@@ -245,16 +148,25 @@ async fn two_operators_run_as_the_chart_deployment_says_with_only_its_service_ac
         args.extend(["--set".to_string(), s]);
     }
     let install = helm(rig, &args).await?;
-    let result =
-        match check_installed(rig, &client, &bake_ns, &release_ns, &other_ns, &release, install).await {
-            // The Bakes go while the operators still run, so their cleanup finalizers are honoured.
-            Ok(operators) => {
-                let finished = finish(bake_ns).await;
-                drop(operators);
-                finished
-            }
-            Err(e) => Err(e),
-        };
+    let result = match check_installed(
+        rig,
+        &bake_ns,
+        &template,
+        &release_ns,
+        &other_ns,
+        &release,
+        install,
+    )
+    .await
+    {
+        // The Bakes go while the operators still run, so their cleanup finalizers are honoured.
+        Ok(operators) => {
+            let finished = finish(bake_ns).await;
+            drop(operators);
+            finished
+        }
+        Err(e) => Err(e),
+    };
     helm(rig, ["uninstall", &release, "--namespace", &release]).await?;
     result?;
     release_ns.cleanup().await?;
@@ -263,8 +175,8 @@ async fn two_operators_run_as_the_chart_deployment_says_with_only_its_service_ac
 
 async fn check_installed(
     rig: &Rig,
-    client: &kube::Client,
     bake_ns: &TestNamespace,
+    template: &str,
     release_ns: &TestNamespace,
     other_ns: &TestNamespace,
     release: &str,
@@ -359,11 +271,9 @@ async fn check_installed(
         "lease held by {leader}"
     );
 
-    let template = format!("{}-ebs", bakes);
-    apply_template(client, &rig_template(&template, "")).await?;
     create_bake(
         bake_ns,
-        &bake_yaml("chart-1.0.0", &template, "chart", "1.0.0", "hvm"),
+        &bake_yaml("chart-1.0.0", template, "chart", "1.0.0", "hvm"),
     )
     .await?;
     let logs = || {

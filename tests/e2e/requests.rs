@@ -7,21 +7,18 @@
 //! so the tests of this binary run one at a time, and each first waits for other tests'
 //! namespaces to finish deleting.
 
-mod bake_support;
-mod ship_support;
-mod support;
-
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bake_support::*;
 use baker::api::bake::ReusedImage;
 use baker::api::{Bake, BakePhase};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
-use support::{Rig, Seen, rig, wait_progressing};
+
+use crate::support::bake::*;
+use crate::support::{Rig, Seen, wait_for_object, wait_progressing};
 
 /// One test at a time: the apiserver's counters are shared by every client.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -75,7 +72,7 @@ async fn writes(rig: &Rig) -> Result<u64> {
 /// The operator's own counters of one metric family, by label set (e.g.
 /// `{verb="patch",resource="bakes"}`), from its `/metrics`.
 async fn operator_counts(operator: &Operator, family: &str) -> Result<BTreeMap<String, u64>> {
-    let text = ship_support::get(&operator.http, "/metrics").await?.body;
+    let text = crate::support::ship::get(&operator.http, "/metrics").await?.body;
     let prefix = format!("{family}{{");
     Ok(text
         .lines()
@@ -138,13 +135,10 @@ const BAKES: usize = 300;
 const REAL: usize = 3;
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn restart_with_300_finished_bakes_writes_nothing_and_lists_each_kind_once() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let rig = rig();
-    let client = rig.client().await?;
-    let ns = namespace(rig, &client, "restart300").await?;
-    let template = format!("{}-t", ns.name());
-    apply_template(&client, &rig_template(&template, "")).await?;
+    let (rig, client, ns, template) = namespace_with_template("restart300", "").await?;
     let mut operator = Operator::start(rig, ns.name()).await?;
 
     let bakes = ns.api::<Bake>();
@@ -158,21 +152,11 @@ async fn restart_with_300_finished_bakes_writes_nothing_and_lists_each_kind_once
         )
     };
     for i in 0..REAL {
-        bakes
-            .create(&PostParams::default(), &serde_yaml::from_str(&yaml(i))?)
-            .await?;
+        create_bake(&ns, &yaml(i)).await?;
     }
     let mut real = Vec::new();
     for i in 0..REAL {
-        real.push(
-            wait_for_phase(
-                &bakes,
-                &format!("b-{i:03}"),
-                BakePhase::Succeeded,
-                Duration::from_secs(180),
-            )
-            .await?,
-        );
+        real.push(wait_for_phase(&bakes, &format!("b-{i:03}"), BakePhase::Succeeded, BAKE_TIMEOUT).await?);
     }
     operator.kill().await?;
 
@@ -261,35 +245,30 @@ async fn restart_with_300_finished_bakes_writes_nothing_and_lists_each_kind_once
         after, before,
         "a restart over finished Bakes wrote to the API server"
     );
-    let result = finish(ns).await;
-    drop(restarted);
-    result
+    finish(ns).await
 }
 
 const WAITING: usize = 200;
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn bakes_waiting_in_the_queue_make_no_ec2_calls_and_no_api_requests() -> Result<()> {
     let _serial = SERIAL.lock().await;
-    let rig = rig();
-    let client = rig.client().await?;
     // No credentials Secret in this namespace: the one slot is held by a bake whose pod cannot
     // start, so nothing runs packer (or calls EC2) while the others wait, and the namespace goes
     // at once at the end.
-    let (ns, template) = namespace_without_credentials(rig, &client, "waiting").await?;
+    let (rig, client, ns, template) = namespace_without_credentials("waiting").await?;
     let operator = Operator::start_with(rig, ns.name(), &["--max-concurrent-bakes", "1"], &[]).await?;
     let bakes = ns.api::<Bake>();
     create_bake(&ns, &bake_yaml("holder", &template, "svc", "0.0.1", "hvm")).await?;
     wait_for_phase(&bakes, "holder", BakePhase::Pending, Duration::from_secs(60)).await?;
-    wait_progressing(Duration::from_secs(60), "the holder's pod to exist", || async {
-        let pods = ns.api::<k8s_openapi::api::core::v1::Pod>();
-        Ok(match pods.get_opt("bake-holder").await? {
-            Some(_) => Seen::Done(()),
-            None => Seen::Waiting {
-                state: "no pod bake-holder".into(),
-            },
-        })
-    })
+    wait_for_object(
+        &ns.api::<Pod>(),
+        "bake-holder",
+        Duration::from_secs(60),
+        "the holder's pod to exist",
+        |_| true,
+    )
     .await?;
 
     // Half wait for the slot, half for the identical bake under way.
@@ -299,10 +278,11 @@ async fn bakes_waiting_in_the_queue_make_no_ec2_calls_and_no_api_requests() -> R
         } else {
             "0.0.1".into()
         };
-        let yaml = bake_yaml(&format!("w-{i:03}"), &template, "svc", &version, "hvm");
-        bakes
-            .create(&PostParams::default(), &serde_yaml::from_str(&yaml)?)
-            .await?;
+        create_bake(
+            &ns,
+            &bake_yaml(&format!("w-{i:03}"), &template, "svc", &version, "hvm"),
+        )
+        .await?;
     }
     wait_progressing(
         Duration::from_secs(60),
@@ -360,7 +340,5 @@ async fn bakes_waiting_in_the_queue_make_no_ec2_calls_and_no_api_requests() -> R
         kube_during.is_empty(),
         "waiting Bakes sent API requests: {kube_during:?}"
     );
-    let result = finish(ns).await;
-    drop(operator);
-    result
+    finish(ns).await
 }

@@ -1,38 +1,25 @@
 //! The seed's HTTP API on the rig, served by a `baker run --seed-api` process.
 
-mod bake_support;
-mod ship_support;
-mod support;
-
 use std::time::Duration;
 
 use anyhow::Result;
-use bake_support::*;
 use baker::api::{AmiCatalog, Bake, BakePhase};
 use kube::Api;
-use kube::api::{Patch, PatchParams, PostParams};
-use ship_support::*;
-use support::{rig, try_wait_until};
+use kube::api::{Patch, PatchParams};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-const BAKE_TIMEOUT: Duration = Duration::from_secs(180);
+use crate::support::bake::*;
+use crate::support::ship::*;
+use crate::support::{TestNamespace, random_suffix, try_wait_until};
+
 const TOKEN: &str = "test-token-3f9a";
 
-async fn start(rig: &support::Rig, ns: &str, dir: &std::path::Path) -> Result<Operator> {
-    let token_file = dir.join("token");
-    std::fs::write(&token_file, format!("{TOKEN}\n"))?;
-    let token_file = token_file.to_string_lossy().to_string();
-    let operator = Operator::start_as(
-        rig,
-        "seed",
-        ns,
-        &rig.kubeconfig_path(),
-        &["--seed-api", "--seed-api-token-file", &token_file],
-        &[],
-    )
-    .await?;
-    wait_for_status(&operator.http, "/readyz", 200, Duration::from_secs(60)).await?;
-    Ok(operator)
+/// A fresh namespace with a rig BakeTemplate (its name second), and a `baker run --seed-api`
+/// process for it, ready; the last value holds the operator's token file.
+async fn seed_api(prefix: &str) -> Result<(TestNamespace, String, Operator, tempfile::TempDir)> {
+    let (rig, _, ns, template) = namespace_with_template(prefix, "").await?;
+    let (operator, dir) = Operator::start_seed_api(rig, ns.name(), TOKEN).await?;
+    Ok((ns, template, operator, dir))
 }
 
 fn json(body: &str) -> serde_json::Value {
@@ -40,24 +27,13 @@ fn json(body: &str) -> serde_json::Value {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn post_bake_with_the_token_streams_packer_output_and_ends_with_the_ami_id() -> Result<()> {
-    let rig = rig();
-    let client = rig.client().await?;
-    let ns = namespace(rig, &client, "seed-bake").await?;
-    let template = format!("{}-ebs", ns.name());
-    apply_template(&client, &rig_template(&template, "")).await?;
+    let (ns, template, operator, _token) = seed_api("seed-bake").await?;
     // A catalog of the service, refreshed hourly: only a succeeded Bake makes it list the image
     // in time.
-    let catalog: AmiCatalog = serde_json::from_value(serde_json::json!({
-        "apiVersion": "baker.io/v1alpha1", "kind": "AmiCatalog",
-        "metadata": {"name": "simple-service"},
-        "spec": {"region": rig.region(), "service": "simple-service", "refreshIntervalSeconds": 3600}
-    }))?;
-    ns.api::<AmiCatalog>()
-        .create(&PostParams::default(), &catalog)
-        .await?;
-    let dir = tempfile::tempdir()?;
-    let operator = start(rig, ns.name(), dir.path()).await?;
+    let spec = "service: simple-service\nrefreshIntervalSeconds: 3600";
+    apply_catalog(&ns.api(), "simple-service", spec).await?;
     let http = operator.http.clone();
 
     assert_eq!(get(&http, "/ping").await?.body, "pong");
@@ -140,14 +116,9 @@ async fn post_bake_with_the_token_streams_packer_output_and_ends_with_the_ami_id
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn a_client_that_disconnects_does_not_cancel_its_bake() -> Result<()> {
-    let rig = rig();
-    let client = rig.client().await?;
-    let ns = namespace(rig, &client, "seed-disconnect").await?;
-    let template = format!("{}-ebs", ns.name());
-    apply_template(&client, &rig_template(&template, "")).await?;
-    let dir = tempfile::tempdir()?;
-    let operator = start(rig, ns.name(), dir.path()).await?;
+    let (ns, template, operator, _token) = seed_api("seed-disconnect").await?;
 
     let mut stream = tokio::net::TcpStream::connect(&operator.http).await?;
     let req = format!(
@@ -170,29 +141,18 @@ async fn a_client_that_disconnects_does_not_cancel_its_bake() -> Result<()> {
     })
     .await?;
     wait_for_phase(&bakes, &name, BakePhase::Succeeded, BAKE_TIMEOUT).await?;
-    let result = finish(ns).await;
-    drop(operator);
-    result
+    finish(ns).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn amis_list_the_latest_image_of_each_catalog_and_the_newest_of_a_service() -> Result<()> {
-    let rig = rig();
-    let client = rig.client().await?;
-    let ns = namespace(rig, &client, "seed-amis").await?;
-    let dir = tempfile::tempdir()?;
-    let operator = start(rig, ns.name(), dir.path()).await?;
+    let (ns, _, operator, _token) = seed_api("seed-amis").await?;
 
     // A catalog whose status we write ourselves, as the AmiCatalog controller would.
-    let service = format!("svc-{}", support::random_suffix());
+    let service = format!("svc-{}", random_suffix());
     let catalogs: Api<AmiCatalog> = ns.api();
-    let catalog: AmiCatalog = serde_json::from_value(serde_json::json!({
-        "apiVersion": "baker.io/v1alpha1",
-        "kind": "AmiCatalog",
-        "metadata": {"name": "services"},
-        "spec": {"region": "us-east-1", "service": service},
-    }))?;
-    catalogs.create(&PostParams::default(), &catalog).await?;
+    apply_catalog(&catalogs, "services", &format!("service: {service}")).await?;
     let images: Vec<_> = (0..12)
         .map(|i| {
             serde_json::json!({
@@ -250,7 +210,5 @@ async fn amis_list_the_latest_image_of_each_catalog_and_the_newest_of_a_service(
     let bad = get(&operator.http, "/amis/Not_A_Service").await?;
     assert_eq!(bad.status, 400);
     assert_eq!(json(&bad.body)["field"], "service");
-    let result = finish(ns).await;
-    drop(operator);
-    result
+    finish(ns).await
 }

@@ -1,34 +1,25 @@
 //! "Ship it" on the rig: the operator's HTTP endpoints (`/healthz`, `/readyz`, `/metrics`) and
 //! leader election between two `baker run` processes.
 
-mod bake_support;
-mod ship_support;
-mod support;
-
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use bake_support::*;
 use baker::api::{AmiCatalog, Bake, BakePhase};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::PostParams;
-use kube::{Api, ResourceExt};
-use ship_support::*;
-use support::{rig, try_wait_until};
+use kube::Api;
 
-const BAKE_TIMEOUT: Duration = Duration::from_secs(180);
+use crate::support::bake::*;
+use crate::support::ship::*;
+use crate::support::{rig, try_wait_until};
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn metrics_after_a_bake_expose_phases_results_duration_and_ec2_calls_with_bounded_labels() -> Result<()>
 {
-    let rig = rig();
-    let client = rig.client().await?;
-    let ns = namespace(rig, &client, "ship-metrics").await?;
-    let template = format!("{}-ebs", ns.name());
-    apply_template(&client, &rig_template(&template, "")).await?;
-    let operator = Operator::start_as(rig, "op", ns.name(), &rig.kubeconfig_path(), &[], &[]).await?;
+    let (rig, _, ns, template) = namespace_with_template("ship-metrics", "").await?;
+    let operator = Operator::start(rig, ns.name()).await?;
 
     wait_for_status(&operator.http, "/healthz", 200, Duration::from_secs(30)).await?;
     wait_for_status(&operator.http, "/readyz", 200, Duration::from_secs(60)).await?;
@@ -40,7 +31,7 @@ async fn metrics_after_a_bake_expose_phases_results_duration_and_ec2_calls_with_
     .await?;
     let bakes = ns.api::<Bake>();
     let bake = wait_for_phase(&bakes, "metrics-1.0.0", BakePhase::Succeeded, BAKE_TIMEOUT).await?;
-    let ami = bake.status.and_then(|s| s.ami_id).unwrap_or_default();
+    let ami = ami_of(&bake)?;
 
     // The phase gauges come from the controller's cache: wait for it to see the final phase.
     let reply = try_wait_until(
@@ -93,11 +84,7 @@ async fn metrics_after_a_bake_expose_phases_results_duration_and_ec2_calls_with_
 
     // Catalog size: a catalog of the service lists the baked image, and the gauge follows it.
     let catalogs = ns.api::<AmiCatalog>();
-    let catalog: AmiCatalog = serde_yaml::from_str(&format!(
-        "apiVersion: baker.io/v1alpha1\nkind: AmiCatalog\nmetadata: {{name: metrics}}\nspec:\n  region: {}\n  service: metrics\n",
-        rig.region()
-    ))?;
-    catalogs.create(&PostParams::default(), &catalog).await?;
+    apply_catalog(&catalogs, "metrics", "service: metrics").await?;
     let count = try_wait_until(BAKE_TIMEOUT, "the catalog to list the baked image", || async {
         let status = catalogs.get("metrics").await?.status.unwrap_or_default();
         let listed = status.images.iter().any(|i| i.image_id == ami);
@@ -124,6 +111,7 @@ async fn metrics_after_a_bake_expose_phases_results_duration_and_ec2_calls_with_
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn readyz_is_false_while_the_caches_cannot_sync_and_healthz_is_true() -> Result<()> {
     let rig = rig();
     // An "apiserver" that accepts connections and never answers: no list ever completes.
@@ -140,7 +128,7 @@ async fn readyz_is_false_while_the_caches_cannot_sync_and_healthz_is_true() -> R
         let r = get(&operator.http, "/readyz").await?;
         assert_eq!(r.status, 503, "ready without caches: {r:?}");
         assert!(r.body.contains("has not synced"), "{r:?}");
-        tokio::time::sleep(support::POLL).await;
+        tokio::time::sleep(crate::support::POLL).await;
     }
     drop(black_hole);
     Ok(())
@@ -155,14 +143,12 @@ async fn lease_holder(leases: &Api<Lease>) -> Result<Option<String>> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn of_two_replicas_one_reconciles_and_the_standby_takes_over_a_running_bake_when_it_dies() -> Result<()>
 {
-    let rig = rig();
-    let client = rig.client().await?;
-    let ns = namespace(rig, &client, "ship-leader").await?;
+    let (rig, client, ns) = namespace("ship-leader").await?;
     // Every EC2 request of packer takes 400 ms more: the bake runs long enough to kill the leader.
-    let (proxy, template) =
-        slow_template(rig, &client, &ns, Delay::All(Duration::from_millis(400)), "").await?;
+    let (proxy, template) = slow_template(&client, &ns, Delay::All(Duration::from_millis(400)), "").await?;
 
     let watch = PodWatch::start(ns.api());
 
@@ -218,41 +204,22 @@ async fn of_two_replicas_one_reconciles_and_the_standby_takes_over_a_running_bak
     let bake = wait_for_phase(&bakes, "slow-1.0.0", BakePhase::Succeeded, BAKE_TIMEOUT).await?;
     let ami = bake.status.as_ref().and_then(|s| s.ami_id.clone());
     assert!(ami.is_some(), "{:?}", bake.status);
-    let images = rig
-        .ec2()
-        .describe_images()
-        .owners("self")
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name(format!("tag:{}", baker::api::keys::BAKE_UID))
-                .values(bake.uid().unwrap_or_default())
-                .build(),
-        )
-        .send()
-        .await?;
-    assert_eq!(images.images().len(), 1, "one AMI");
+    assert_eq!(images_of(&bake).await?.len(), 1, "one AMI");
     assert_eq!(watch.pods_seen(), 1, "one bake pod ever existed");
     // Created by replica-a, taken over once by replica-b.
     let transitions = leases.get("baker").await?.spec.and_then(|s| s.lease_transitions);
     assert_eq!(transitions, Some(1));
     drop(proxy);
-    let result = finish(ns).await;
-    drop(second);
-    result
+    finish(ns).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn a_bake_in_a_namespace_not_allowed_for_bake_pods_fails_without_a_pod() -> Result<()> {
-    let rig = rig();
-    let client = rig.client().await?;
-    let ns = namespace(rig, &client, "ship-notallowed").await?;
-    let template = format!("{}-ebs", ns.name());
-    apply_template(&client, &rig_template(&template, "")).await?;
-    let operator = Operator::start_as(
+    let (rig, _, ns, template) = namespace_with_template("ship-notallowed", "").await?;
+    let _operator = Operator::start_with(
         rig,
-        "op",
         ns.name(),
-        &rig.kubeconfig_path(),
         &["--bake-namespaces", "somewhere-else,elsewhere"],
         &[],
     )
@@ -269,15 +236,12 @@ async fn a_bake_in_a_namespace_not_allowed_for_bake_pods_fails_without_a_pod() -
         BAKE_TIMEOUT,
     )
     .await?;
-    assert_eq!(ready_reason(&bake).as_deref(), Some("NamespaceNotAllowed"));
-    let message = bake.status.and_then(|s| s.message).unwrap_or_default();
+    let message = expect_reason(&bake, "NamespaceNotAllowed")?;
     assert!(
         message.contains(ns.name()) && message.contains("somewhere-else"),
         "{message}"
     );
     let pods = ns.api::<Pod>().list(&Default::default()).await?;
     assert!(pods.items.is_empty(), "a pod was created");
-    let result = finish(ns).await;
-    drop(operator);
-    result
+    finish(ns).await
 }

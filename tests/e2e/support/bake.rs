@@ -1,20 +1,22 @@
 //! Support for Bake tests on the rig: CRDs installed, an operator process per test (watching only
 //! the test's namespace), BakeTemplates per test, and a delaying proxy in front of the rig's EC2
 //! endpoint to make a bake last long enough to act on it.
-#![allow(dead_code)]
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
-use aws_sdk_ec2::types::Tag;
+use anyhow::{Context, Result, bail, ensure};
+use aws_sdk_ec2::types::{Filter, Image, Tag};
 use baker::api::catalog::AmiCatalogStatus;
-use baker::api::{AmiCatalog, Bake, BakePhase, BakeTemplate};
+use baker::api::{AmiCatalog, Bake, BakePhase, BakeTemplate, keys};
 use futures::TryStreamExt;
 use k8s_openapi::api::core::v1::{Container, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
@@ -22,7 +24,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::process::{Child, Command};
 
-use crate::support::{ProcessLog, Rig, Seen, TestNamespace, try_wait_until, wait_progressing};
+use crate::support::{
+    ProcessLog, Rig, Seen, TestNamespace, rig, try_wait_until, wait_deleted, wait_for_object,
+    wait_progressing,
+};
 
 /// Installs (or updates) Baker's CRDs with server-side apply and waits until they are served.
 pub async fn install_crds(rig: &Rig) -> Result<()> {
@@ -44,15 +49,23 @@ pub async fn install_crds(rig: &Rig) -> Result<()> {
     Ok(())
 }
 
+/// How long a Bake's status may stay unchanged before a wait for its phase gives up.
+pub const BAKE_TIMEOUT: Duration = Duration::from_secs(180);
+
 /// The Secret bake pods read AWS credentials from (the rig's EC2 endpoint takes any).
 pub const CREDENTIALS_SECRET: &str = "aws-credentials";
 
 /// The Secret with the rig's AWS keys that bake pods read (`--aws-credentials-secret`).
 pub fn credentials_secret(rig: &Rig) -> Result<Secret> {
+    aws_secret(rig, CREDENTIALS_SECRET)
+}
+
+/// A Secret `name` with the rig's AWS keys, as `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`.
+pub fn aws_secret(rig: &Rig, name: &str) -> Result<Secret> {
     Ok(serde_json::from_value(serde_json::json!({
         "apiVersion": "v1",
         "kind": "Secret",
-        "metadata": {"name": CREDENTIALS_SECRET},
+        "metadata": {"name": name},
         "stringData": {
             "AWS_ACCESS_KEY_ID": rig.var("AWS_ACCESS_KEY_ID"),
             "AWS_SECRET_ACCESS_KEY": rig.var("AWS_SECRET_ACCESS_KEY"),
@@ -110,6 +123,31 @@ impl Operator {
     /// time may run one: it acts on every test's Bakes.
     pub async fn start_cluster_wide(rig: &Rig, args: &[&str], env: &[(&str, &str)]) -> Result<Operator> {
         Self::start_as(rig, "op", "", &rig.kubeconfig_path(), args, env).await
+    }
+
+    /// Starts `baker run --seed-api` for `namespace` with `token` in a token file, and waits
+    /// until it is ready; the directory holding the token file goes with it.
+    pub async fn start_seed_api(
+        rig: &Rig,
+        namespace: &str,
+        token: &str,
+    ) -> Result<(Operator, tempfile::TempDir)> {
+        let dir = tempfile::tempdir()?;
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, format!("{token}\n"))?;
+        let token_file = token_file.to_string_lossy().to_string();
+        let operator = Self::start_as(
+            rig,
+            "seed",
+            namespace,
+            &rig.kubeconfig_path(),
+            &["--seed-api", "--seed-api-token-file", &token_file],
+            &[],
+        )
+        .await?;
+        crate::support::ship::wait_for_status(&operator.http, "/readyz", 200, Duration::from_secs(60))
+            .await?;
+        Ok((operator, dir))
     }
 
     /// Starts `baker run` named `name` (its `POD_NAME`) for `namespace` with the given
@@ -395,7 +433,57 @@ pub enum Delay {
 pub struct SlowProxy {
     pub url: String,
     task: tokio::task::JoinHandle<()>,
-    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    down: Arc<AtomicBool>,
+}
+
+/// What a [`relay`] does with a chunk the client sent.
+pub enum Chunk {
+    Pass,
+    /// Sends it on after this long.
+    Hold(Duration),
+    /// Closes the connection instead.
+    Cut,
+}
+
+/// `host:port` of an `http://host:port/` endpoint.
+pub fn host_port(endpoint: &str) -> String {
+    endpoint
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// Relays one client connection to `upstream` (`host:port`), showing each chunk the client sends
+/// to `inspect` first; what the server sends goes back untouched. The proxies of the tests are
+/// built on it.
+pub async fn relay(client: TcpStream, upstream: String, mut inspect: impl FnMut(&[u8]) -> Chunk + Send) {
+    let Ok(server) = TcpStream::connect(&upstream).await else {
+        return;
+    };
+    let (mut cr, mut cw) = client.into_split();
+    let (mut sr, mut sw) = server.into_split();
+    let up = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        while let Ok(n) = cr.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            match inspect(&buf[..n]) {
+                Chunk::Pass => {}
+                Chunk::Hold(d) => tokio::time::sleep(d).await,
+                Chunk::Cut => break,
+            }
+            if sw.write_all(&buf[..n]).await.is_err() {
+                break;
+            }
+        }
+        let _ = sw.shutdown().await;
+    };
+    let down = async move {
+        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+        let _ = cw.shutdown().await;
+    };
+    tokio::join!(up, down);
 }
 
 fn mentions(chunk: &[u8], action: &str) -> bool {
@@ -407,85 +495,52 @@ fn mentions(chunk: &[u8], action: &str) -> bool {
 /// `delay`, plus `extra` template lines (e.g. `"  timeoutSeconds: 10"`). Returns the proxy (it
 /// stops when dropped) and the template's name.
 pub async fn slow_template(
-    rig: &Rig,
     client: &Client,
     ns: &TestNamespace,
     delay: Delay,
     extra: &str,
 ) -> Result<(SlowProxy, String)> {
-    let proxy = SlowProxy::start(rig.ec2_endpoint(), delay).await?;
-    let name = format!("{}-t", ns.name());
+    let proxy = SlowProxy::start(rig().ec2_endpoint(), delay).await?;
     let lines = format!("  ec2Endpoint: {}\n{extra}", proxy.url);
-    apply_template(client, &rig_template(&name, lines.trim_end())).await?;
-    Ok((proxy, name))
+    let template = namespace_template(client, ns, lines.trim_end()).await?;
+    Ok((proxy, template))
 }
 
 impl SlowProxy {
     pub async fn start(upstream: &str, delay: Delay) -> Result<SlowProxy> {
-        let upstream = upstream
-            .trim_start_matches("http://")
-            .trim_end_matches('/')
-            .to_string();
+        let upstream = host_port(upstream);
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let tripped = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let down = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tripped = Arc::new(AtomicBool::new(false));
+        let down = Arc::new(AtomicBool::new(false));
         let is_down = down.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 // An endpoint that is down: the connection is dropped at once.
-                if is_down.load(std::sync::atomic::Ordering::SeqCst) {
+                if is_down.load(SeqCst) {
                     drop(client);
                     continue;
                 }
-                let upstream = upstream.clone();
                 let delay = delay.clone();
                 let tripped = tripped.clone();
                 let conn_down = is_down.clone();
-                tokio::spawn(async move {
-                    let Ok(server) = TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
-                    let up = async move {
-                        let mut buf = vec![0u8; 64 * 1024];
-                        loop {
-                            match cr.read(&mut buf).await {
-                                Ok(0) | Err(_) => break,
-                                Ok(_) if conn_down.load(std::sync::atomic::Ordering::SeqCst) => break,
-                                Ok(n) => {
-                                    let chunk = &buf[..n];
-                                    let hold = match &delay {
-                                        Delay::All(d) => Some(*d),
-                                        Delay::On(action, d) => mentions(chunk, action).then_some(*d),
-                                        Delay::After(action, d) => {
-                                            let held = tripped
-                                                .load(std::sync::atomic::Ordering::SeqCst)
-                                                .then_some(*d);
-                                            if mentions(chunk, action) {
-                                                tripped.store(true, std::sync::atomic::Ordering::SeqCst);
-                                            }
-                                            held
-                                        }
-                                    };
-                                    if let Some(d) = hold {
-                                        tokio::time::sleep(d).await;
-                                    }
-                                    if sw.write_all(chunk).await.is_err() {
-                                        break;
-                                    }
-                                }
+                tokio::spawn(relay(client, upstream.clone(), move |chunk| {
+                    if conn_down.load(SeqCst) {
+                        return Chunk::Cut;
+                    }
+                    let hold = match &delay {
+                        Delay::All(d) => Some(*d),
+                        Delay::On(action, d) => mentions(chunk, action).then_some(*d),
+                        Delay::After(action, d) => {
+                            let held = tripped.load(SeqCst).then_some(*d);
+                            if mentions(chunk, action) {
+                                tripped.store(true, SeqCst);
                             }
+                            held
                         }
-                        let _ = sw.shutdown().await;
                     };
-                    let down = async move {
-                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
-                        let _ = cw.shutdown().await;
-                    };
-                    tokio::join!(up, down);
-                });
+                    hold.map_or(Chunk::Pass, Chunk::Hold)
+                }));
             }
         });
         Ok(SlowProxy { url, task, down })
@@ -493,7 +548,7 @@ impl SlowProxy {
 
     /// Takes the endpoint down (new connections are dropped) or brings it back.
     pub fn set_down(&self, down: bool) {
-        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+        self.down.store(down, SeqCst);
     }
 }
 
@@ -511,6 +566,57 @@ pub fn ready_reason(bake: &Bake) -> Option<String> {
         .iter()
         .find(|c| c.type_ == "Ready")
         .map(|c| c.reason.clone())
+}
+
+/// The Bake's AMI, which a Succeeded Bake has.
+pub fn ami_of(bake: &Bake) -> Result<String> {
+    bake.status
+        .as_ref()
+        .and_then(|s| s.ami_id.clone())
+        .context("the Bake has no amiId")
+}
+
+/// The Bake's status message, after checking that its Ready reason is `reason`.
+pub fn expect_reason(bake: &Bake, reason: &str) -> Result<String> {
+    let message = bake
+        .status
+        .as_ref()
+        .and_then(|s| s.message.clone())
+        .unwrap_or_default();
+    ensure!(
+        ready_reason(bake).as_deref() == Some(reason),
+        "expected reason {reason}, got {:?}: {message}",
+        ready_reason(bake)
+    );
+    Ok(message)
+}
+
+/// The Events in a namespace.
+async fn events(ns: &TestNamespace) -> Result<impl Iterator<Item = Event>> {
+    Ok(ns
+        .api::<Event>()
+        .list(&Default::default())
+        .await?
+        .items
+        .into_iter())
+}
+
+/// Notes of the Events with `reason` in a namespace.
+pub async fn event_notes(ns: &TestNamespace, reason: &str) -> Result<Vec<String>> {
+    Ok(events(ns)
+        .await?
+        .filter(|e| e.reason.as_deref() == Some(reason))
+        .filter_map(|e| e.note)
+        .collect())
+}
+
+/// The instances (`POD_NAME`s) of Baker that reported Events in a namespace: which replicas acted.
+pub async fn event_reporters(ns: &TestNamespace) -> Result<BTreeSet<String>> {
+    Ok(events(ns)
+        .await?
+        .filter(|e| e.reporting_controller.as_deref() == Some("baker"))
+        .filter_map(|e| e.reporting_instance)
+        .collect())
 }
 
 /// Ends a test's namespace: deletes its Bakes while the test's operator still runs (so their
@@ -563,32 +669,27 @@ pub async fn release_bakes(bakes: &Api<Bake>) -> Result<()> {
     Ok(())
 }
 
-/// A namespace *without* the credentials Secret (so bake pods there can never start their
-/// container), with a rig BakeTemplate `<namespace>-t`; the CRDs installed first.
-pub async fn namespace_without_credentials(
-    rig: &Rig,
-    client: &Client,
-    prefix: &str,
-) -> Result<(TestNamespace, String)> {
-    install_crds(rig).await?;
-    let ns = TestNamespace::new(client, prefix).await?;
-    let template = format!("{}-t", ns.name());
-    apply_template(client, &rig_template(&template, "")).await?;
-    Ok((ns, template))
-}
-
-/// A namespace with the credentials Secret and a rig BakeTemplate `<namespace>-t` with `extra`
-/// spec lines (see [`rig_template`]).
-pub async fn namespace_with_template(
-    rig: &Rig,
-    client: &Client,
-    prefix: &str,
-    extra: &str,
-) -> Result<(TestNamespace, String)> {
-    let ns = namespace(rig, client, prefix).await?;
-    let template = format!("{}-t", ns.name());
-    apply_template(client, &rig_template(&template, extra)).await?;
-    Ok((ns, template))
+/// A Bake `name` whose pod cannot start, under an operator that gives bake pods `seconds` to
+/// start. Returns the Bake's message once it says why (`why` holds it; long before the timeout),
+/// then the Bake once it failed and its pod is gone (stopped, so it can never start packer after
+/// the Bake said Failed), and the operator, which must outlive [`finish`].
+pub async fn pod_never_starts(
+    ns: &TestNamespace,
+    template: &str,
+    name: &str,
+    seconds: u32,
+    why: impl Fn(&str) -> bool,
+) -> Result<(String, Bake, Operator)> {
+    let timeout = seconds.to_string();
+    let operator =
+        Operator::start_with(rig(), ns.name(), &["--pod-start-timeout-seconds", &timeout], &[]).await?;
+    create_bake(ns, &bake_yaml(name, template, "svc", "1.0.0", "hvm")).await?;
+    let bakes = ns.api::<Bake>();
+    let what = "the Bake's message to say why its pod cannot start";
+    let pending = wait_for_message(&bakes, name, Duration::from_secs(60), what, why).await?;
+    let failed = wait_for_phase(&bakes, name, BakePhase::Failed, BAKE_TIMEOUT).await?;
+    wait_deleted(&ns.api::<Pod>(), &format!("bake-{name}"), Duration::from_secs(60)).await?;
+    Ok((pending, failed, operator))
 }
 
 /// Waits until the Bake's status message satisfies `want` (failing when it stops changing for
@@ -616,12 +717,48 @@ pub async fn wait_for_message(
     .await
 }
 
-/// Sets up a namespace with the credentials Secret, after installing the CRDs.
-pub async fn namespace(rig: &Rig, client: &Client, prefix: &str) -> Result<TestNamespace> {
-    install_crds(rig).await?;
-    let ns = TestNamespace::new(client, prefix).await?;
+/// Where a Bake test starts: the rig, an admin client, and a fresh namespace `<prefix>-<random>`
+/// with the credentials Secret bake pods read (the CRDs installed first).
+pub async fn namespace(prefix: &str) -> Result<(&'static Rig, Client, TestNamespace)> {
+    let (rig, client, ns) = bare_namespace(prefix).await?;
     create_credentials_secret(rig, &ns).await?;
-    Ok(ns)
+    Ok((rig, client, ns))
+}
+
+/// [`namespace`] with a rig BakeTemplate `<namespace>-t` with `extra` spec lines (see
+/// [`rig_template`]); the last value is the template's name.
+pub async fn namespace_with_template(
+    prefix: &str,
+    extra: &str,
+) -> Result<(&'static Rig, Client, TestNamespace, String)> {
+    let (rig, client, ns) = namespace(prefix).await?;
+    let template = namespace_template(&client, &ns, extra).await?;
+    Ok((rig, client, ns, template))
+}
+
+/// A namespace *without* the credentials Secret (so bake pods there can never start their
+/// container), with a rig BakeTemplate `<namespace>-t`.
+pub async fn namespace_without_credentials(
+    prefix: &str,
+) -> Result<(&'static Rig, Client, TestNamespace, String)> {
+    let (rig, client, ns) = bare_namespace(prefix).await?;
+    let template = namespace_template(&client, &ns, "").await?;
+    Ok((rig, client, ns, template))
+}
+
+async fn bare_namespace(prefix: &str) -> Result<(&'static Rig, Client, TestNamespace)> {
+    let rig = rig();
+    let client = rig.client().await?;
+    install_crds(rig).await?;
+    let ns = TestNamespace::new(&client, prefix).await?;
+    Ok((rig, client, ns))
+}
+
+/// Applies the rig BakeTemplate `<namespace>-t` ([`finish`] deletes it) and returns its name.
+async fn namespace_template(client: &Client, ns: &TestNamespace, extra: &str) -> Result<String> {
+    let template = format!("{}-t", ns.name());
+    apply_template(client, &rig_template(&template, extra)).await?;
+    Ok(template)
 }
 
 /// Records, for the bake pods of a namespace, every pod (by UID) ever seen, the order their names
@@ -760,30 +897,77 @@ pub async fn register_images(
     Ok(ids)
 }
 
-pub async fn apply_catalog(api: &Api<AmiCatalog>, yaml: &str) -> Result<AmiCatalog> {
-    let catalog: AmiCatalog = serde_yaml::from_str(yaml)?;
+/// This account's images tagged `key=value`.
+pub async fn images_tagged(ec2: &aws_sdk_ec2::Client, key: &str, value: &str) -> Result<Vec<Image>> {
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(Filter::builder().name(format!("tag:{key}")).values(value).build())
+        .send()
+        .await?;
+    Ok(out.images().to_vec())
+}
+
+/// This account's images tagged with the Bake's UID: the AMIs baked for it.
+pub async fn images_of(bake: &Bake) -> Result<Vec<Image>> {
+    images_tagged(&rig().ec2(), keys::BAKE_UID, &bake.uid().unwrap_or_default()).await
+}
+
+/// The value of an image's tag `key`.
+pub fn tag<'a>(image: &'a Image, key: &str) -> Option<&'a str> {
+    image
+        .tags()
+        .iter()
+        .find(|t| t.key() == Some(key))
+        .and_then(|t| t.value())
+}
+
+/// The ids of `images`.
+pub fn image_ids(images: &[Image]) -> Vec<String> {
+    images
+        .iter()
+        .filter_map(|i| i.image_id().map(str::to_string))
+        .collect()
+}
+
+/// Whether this account still has the image `id`.
+pub async fn image_exists(ec2: &aws_sdk_ec2::Client, id: &str) -> Result<bool> {
+    let out = ec2
+        .describe_images()
+        .owners("self")
+        .filters(Filter::builder().name("image-id").values(id).build())
+        .send()
+        .await?;
+    Ok(!out.images().is_empty())
+}
+
+/// Applies AmiCatalog `name` for the rig's region; `spec` holds its other spec fields, a line each
+/// (e.g. `"service: x\nlimit: 5"`).
+pub async fn apply_catalog(api: &Api<AmiCatalog>, name: &str, spec: &str) -> Result<AmiCatalog> {
+    let mut yaml = format!(
+        "apiVersion: baker.io/v1alpha1\nkind: AmiCatalog\nmetadata:\n  name: {name}\nspec:\n  region: {}\n",
+        rig().region()
+    );
+    for line in spec.lines() {
+        yaml.push_str(&format!("  {line}\n"));
+    }
+    let catalog: AmiCatalog = serde_yaml::from_str(&yaml)?;
     Ok(api
         .patch(
-            &catalog.name_any(),
+            name,
             &PatchParams::apply("baker-tests").force(),
             &Patch::Apply(&catalog),
         )
         .await?)
 }
 
-/// Waits until the catalog's status satisfies `cond`.
+/// Waits, a minute at most, until the catalog's status satisfies `cond`.
 pub async fn wait_catalog(
     api: &Api<AmiCatalog>,
     name: &str,
-    timeout: Duration,
     what: &str,
     cond: impl Fn(&AmiCatalogStatus) -> bool,
 ) -> Result<AmiCatalog> {
-    try_wait_until(timeout, what, || async {
-        Ok(api
-            .get_opt(name)
-            .await?
-            .filter(|c| c.status.as_ref().is_some_and(&cond)))
-    })
-    .await
+    let timeout = Duration::from_secs(60);
+    wait_for_object(api, name, timeout, what, |c| c.status.as_ref().is_some_and(&cond)).await
 }

@@ -1,56 +1,20 @@
 //! End to end on the rig: real apiserver, real packer in a bake pod on the local node, moto as EC2.
 //! Each test has its own namespace, BakeTemplate and operator process (watching that namespace).
 
-mod bake_support;
-mod support;
-
 use std::time::Duration;
 
 use anyhow::Result;
-use bake_support::*;
 use baker::api::{Bake, BakePhase, keys};
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
-use support::{TestNamespace, rig};
 
-const BAKE_TIMEOUT: Duration = Duration::from_secs(180);
-
-async fn images_tagged(
-    ec2: &aws_sdk_ec2::Client,
-    key: &str,
-    value: &str,
-) -> Result<Vec<aws_sdk_ec2::types::Image>> {
-    let out = ec2
-        .describe_images()
-        .owners("self")
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name(format!("tag:{key}"))
-                .values(value)
-                .build(),
-        )
-        .send()
-        .await?;
-    Ok(out.images().to_vec())
-}
-
-fn tag<'a>(image: &'a aws_sdk_ec2::types::Image, key: &str) -> Option<&'a str> {
-    image
-        .tags()
-        .iter()
-        .find(|t| t.key() == Some(key))
-        .and_then(|t| t.value())
-}
+use crate::support::bake::*;
+use crate::support::wait_for_pod_phase;
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn bake_succeeds_with_an_ami_tagged_with_its_uid_service_and_version() -> Result<()> {
-    let rig = rig();
-    let client = rig.client().await?;
-    install_crds(rig).await?;
-    let ns = TestNamespace::new(&client, "bake-ok").await?;
-    create_credentials_secret(rig, &ns).await?;
-    let template = format!("{}-ebs", ns.name());
-    apply_template(&client, &rig_template(&template, "")).await?;
+    let (rig, _, ns, template) = namespace_with_template("bake-ok", "").await?;
     let _operator = Operator::start(rig, ns.name()).await?;
 
     create_bake(
@@ -74,7 +38,7 @@ async fn bake_succeeds_with_an_ami_tagged_with_its_uid_service_and_version() -> 
     );
 
     // The AMI exists in EC2, tagged with the Bake's UID, service and version.
-    let images = images_tagged(&rig.ec2(), keys::BAKE_UID, &bake.uid().unwrap_or_default()).await?;
+    let images = images_of(&bake).await?;
     assert_eq!(images.len(), 1, "exactly one AMI tagged with the Bake's UID");
     let image = &images[0];
     assert_eq!(image.image_id(), Some(ami.as_str()));
@@ -120,18 +84,10 @@ async fn bake_succeeds_with_an_ami_tagged_with_its_uid_service_and_version() -> 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn bake_from_a_missing_source_image_fails_with_packers_error_and_no_ami() -> Result<()> {
-    let rig = rig();
-    let client = rig.client().await?;
-    install_crds(rig).await?;
-    let ns = TestNamespace::new(&client, "bake-fail").await?;
-    create_credentials_secret(rig, &ns).await?;
-    let template = format!("{}-missing", ns.name());
-    apply_template(
-        &client,
-        &rig_template(&template, "  source:\n    amiId: ami-00000000000dead00"),
-    )
-    .await?;
+    let (rig, _, ns, template) =
+        namespace_with_template("bake-fail", "  source:\n    amiId: ami-00000000000dead00").await?;
     let _operator = Operator::start(rig, ns.name()).await?;
 
     create_bake(
@@ -147,7 +103,7 @@ async fn bake_from_a_missing_source_image_fails_with_packers_error_and_no_ami() 
         "packer's error in message: {message}"
     );
     assert_eq!(status.ami_id, None);
-    let images = images_tagged(&rig.ec2(), keys::BAKE_UID, &bake.uid().unwrap_or_default()).await?;
+    let images = images_of(&bake).await?;
     assert!(images.is_empty(), "no AMI for a failed bake");
     let stalled = status
         .conditions
@@ -159,15 +115,11 @@ async fn bake_from_a_missing_source_image_fails_with_packers_error_and_no_ami() 
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn operator_killed_while_packer_runs_ends_with_one_pod_and_one_ami() -> Result<()> {
-    let rig = rig();
-    let client = rig.client().await?;
-    install_crds(rig).await?;
-    let ns = TestNamespace::new(&client, "bake-restart").await?;
-    create_credentials_secret(rig, &ns).await?;
+    let (rig, client, ns) = namespace("bake-restart").await?;
     // Every EC2 request of packer takes 400 ms more: the bake runs for several seconds.
-    let (proxy, template) =
-        slow_template(rig, &client, &ns, Delay::All(Duration::from_millis(400)), "").await?;
+    let (proxy, template) = slow_template(&client, &ns, Delay::All(Duration::from_millis(400)), "").await?;
 
     // Count every bake pod the namespace ever sees.
     let watch = PodWatch::start(ns.api());
@@ -180,11 +132,11 @@ async fn operator_killed_while_packer_runs_ends_with_one_pod_and_one_ami() -> Re
 
     // Packer finishes while no operator runs; a new one picks up from the status it left.
     let pod_name = "bake-slow-1.0.0";
-    support::wait_for_pod_phase(&ns.api::<Pod>(), pod_name, &["Succeeded"], BAKE_TIMEOUT).await?;
+    wait_for_pod_phase(&ns.api::<Pod>(), pod_name, &["Succeeded"], BAKE_TIMEOUT).await?;
     let _operator = Operator::start(rig, ns.name()).await?;
     let bake = wait_for_phase(&bakes, "slow-1.0.0", BakePhase::Succeeded, BAKE_TIMEOUT).await?;
 
-    let images = images_tagged(&rig.ec2(), keys::BAKE_UID, &bake.uid().unwrap_or_default()).await?;
+    let images = images_of(&bake).await?;
     assert_eq!(images.len(), 1, "one AMI");
     let pod = ns.api::<Pod>().get(pod_name).await?;
     assert_eq!(bake.status.as_ref().and_then(|s| s.pod_uid.clone()), pod.uid());
@@ -194,11 +146,9 @@ async fn operator_killed_while_packer_runs_ends_with_one_pod_and_one_ami() -> Re
 }
 
 #[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs the rig: make test"]
 async fn bad_manifests_are_refused_at_admission_naming_the_field() -> Result<()> {
-    let rig = rig();
-    let client = rig.client().await?;
-    install_crds(rig).await?;
-    let ns = TestNamespace::new(&client, "bake-admission").await?;
+    let (rig, _, ns) = namespace("bake-admission").await?;
     let dir = tempfile::tempdir()?;
     let cases = [
         ("virt", bake_yaml("virt", "t", "svc", "1.0", "xen"), "spec.virtualizationType"),

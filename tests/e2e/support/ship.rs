@@ -1,16 +1,14 @@
 //! Support for the "ship it" tests: kubeconfigs of the test's choice (a ServiceAccount token, an
 //! unreachable apiserver) for `Operator::start_as`, a minimal HTTP client, metrics samples.
-#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use k8s_openapi::api::events::v1::Event;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::support::{Rig, TestNamespace, try_wait_until};
+use crate::support::{Rig, try_wait_until};
 
 /// A response: status code and body.
 #[derive(Debug)]
@@ -21,12 +19,24 @@ pub struct Reply {
 
 /// One HTTP/1.1 request over a fresh connection (closed after the reply).
 pub async fn request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> Result<Reply> {
+    request_declaring(addr, method, path, headers, 0).await
+}
+
+/// [`request`] whose head declares a body of `length` bytes that is never sent: a server must
+/// answer (or refuse) from the head alone.
+pub async fn request_declaring(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    length: u64,
+) -> Result<Reply> {
     let mut stream = TcpStream::connect(addr).await?;
     let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
-    head.push_str("Content-Length: 0\r\n\r\n");
+    head.push_str(&format!("Content-Length: {length}\r\n\r\n"));
     stream.write_all(head.as_bytes()).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;
@@ -120,17 +130,4 @@ pub fn sample(metrics: &str, series: &str) -> Option<f64> {
         let (name, value) = l.rsplit_once(' ')?;
         (name == series).then(|| value.parse().ok())?
     })
-}
-
-/// The instances (`POD_NAME`s) of Baker that reported Events in a namespace: which replicas acted.
-pub async fn event_reporters(ns: &TestNamespace) -> Result<std::collections::BTreeSet<String>> {
-    Ok(ns
-        .api::<Event>()
-        .list(&Default::default())
-        .await?
-        .items
-        .into_iter()
-        .filter(|e| e.reporting_controller.as_deref() == Some("baker"))
-        .filter_map(|e| e.reporting_instance)
-        .collect())
 }
