@@ -276,7 +276,7 @@ async fn admitted_bakes_that_cannot_bake_fail_or_wait_with_the_reason_in_status_
 async fn the_seed_api_answers_every_bad_request_of_the_corpus_with_its_status_and_creates_no_bake()
 -> Result<()> {
     let (rig, _, ns, _template) = namespace_with_template("bi-http", "").await?;
-    let (operator, _token) = Operator::start_seed_api(rig, ns.name(), TOKEN).await?;
+    let (operator, _token) = Operator::start_seed_api(rig, ns.name(), TOKEN, &[]).await?;
     let cases = cases(ns.name(), &[Expect::Http])?;
     let bakes = ns.api::<Bake>();
     let mut missed = Vec::new();

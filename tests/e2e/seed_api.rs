@@ -15,10 +15,13 @@ use crate::support::{TestNamespace, random_suffix, try_wait_until};
 const TOKEN: &str = "test-token-3f9a";
 
 /// A fresh namespace with a rig BakeTemplate (its name second), and a `baker run --seed-api`
-/// process for it, ready; the last value holds the operator's token file.
-async fn seed_api(prefix: &str) -> Result<(TestNamespace, String, Operator, tempfile::TempDir)> {
+/// process (with `extra` flags) for it, ready; the last value holds the operator's token file.
+async fn seed_api(
+    prefix: &str,
+    extra: &[&str],
+) -> Result<(TestNamespace, String, Operator, tempfile::TempDir)> {
     let (rig, _, ns, template) = namespace_with_template(prefix, "").await?;
-    let (operator, dir) = Operator::start_seed_api(rig, ns.name(), TOKEN).await?;
+    let (operator, dir) = Operator::start_seed_api(rig, ns.name(), TOKEN, extra).await?;
     Ok((ns, template, operator, dir))
 }
 
@@ -29,7 +32,7 @@ fn json(body: &str) -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the rig: make test"]
 async fn post_bake_with_the_token_streams_packer_output_and_ends_with_the_ami_id() -> Result<()> {
-    let (ns, template, operator, _token) = seed_api("seed-bake").await?;
+    let (ns, template, operator, _token) = seed_api("seed-bake", &[]).await?;
     // A catalog of the service, refreshed hourly: only a succeeded Bake makes it list the image
     // in time.
     let spec = "service: simple-service\nrefreshIntervalSeconds: 3600";
@@ -101,16 +104,16 @@ async fn post_bake_with_the_token_streams_packer_output_and_ends_with_the_ami_id
 
     // The live AmiCatalog controller lists the new image (a succeeded Bake refreshes the catalogs
     // of its service at once), and `GET /amis/simple-service` serves it from there.
-    try_wait_until(
+    let listed = try_wait_until(
         Duration::from_secs(60),
         "GET /amis/simple-service to list the baked image",
         || async {
-            let r = get(&http, "/amis/simple-service").await?;
-            Ok((r.status == 200 && r.body.contains(&ami)).then_some(()))
+            let r = request(&http, "GET", "/amis/simple-service", &[("Authorization", &auth)]).await?;
+            Ok((r.status == 200 && r.body.contains(&ami)).then_some(r))
         },
     )
     .await?;
-    let listed = json(&get(&http, "/amis/simple-service").await?.body);
+    let listed = json(&listed.body);
     assert_eq!(listed["service"], "simple-service", "{listed}");
     finish(ns).await
 }
@@ -118,7 +121,7 @@ async fn post_bake_with_the_token_streams_packer_output_and_ends_with_the_ami_id
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the rig: make test"]
 async fn a_client_that_disconnects_does_not_cancel_its_bake() -> Result<()> {
-    let (ns, template, operator, _token) = seed_api("seed-disconnect").await?;
+    let (ns, template, operator, _token) = seed_api("seed-disconnect", &[]).await?;
 
     let mut stream = tokio::net::TcpStream::connect(&operator.http).await?;
     let req = format!(
@@ -146,8 +149,9 @@ async fn a_client_that_disconnects_does_not_cancel_its_bake() -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the rig: make test"]
-async fn amis_list_the_latest_image_of_each_catalog_and_the_newest_of_a_service() -> Result<()> {
-    let (ns, _, operator, _token) = seed_api("seed-amis").await?;
+async fn with_public_reads_amis_list_the_latest_image_of_each_catalog_and_the_newest_of_a_service_without_the_token()
+-> Result<()> {
+    let (ns, template, operator, _token) = seed_api("seed-amis", &["--seed-api-public-reads"]).await?;
 
     // A catalog whose status we write ourselves, as the AmiCatalog controller would.
     let service = format!("svc-{}", random_suffix());
@@ -210,5 +214,14 @@ async fn amis_list_the_latest_image_of_each_catalog_and_the_newest_of_a_service(
     let bad = get(&operator.http, "/amis/Not_A_Service").await?;
     assert_eq!(bad.status, 400);
     assert_eq!(json(&bad.body)["field"], "service");
+    // Public reads open the listings only: baking still needs the token.
+    let post = request(
+        &operator.http,
+        "POST",
+        &format!("/bake/{template}/{service}/1.0.0/hvm"),
+        &[],
+    )
+    .await?;
+    assert_eq!(post.status, 401, "{post:?}");
     finish(ns).await
 }

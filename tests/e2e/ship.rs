@@ -72,11 +72,24 @@ async fn metrics_after_a_bake_expose_phases_results_duration_and_ec2_calls_with_
         "{text}"
     );
     assert!(
-        sample(&text, "baker_reconciles_total").unwrap_or(0.0) >= 1.0,
+        sample(&text, "baker_reconciles_total{controller=\"bake\"}").unwrap_or(0.0) >= 1.0,
         "{text}"
     );
     assert!(
-        sample(&text, "baker_reconcile_errors_total{category=\"ec2\"}").is_some(),
+        sample(
+            &text,
+            "baker_reconcile_duration_seconds_count{controller=\"bake\"}"
+        )
+        .unwrap_or(0.0)
+            >= 1.0,
+        "{text}"
+    );
+    assert!(
+        sample(
+            &text,
+            "baker_reconcile_errors_total{controller=\"bake\",category=\"ec2\"}"
+        )
+        .is_some(),
         "{text}"
     );
     assert!(text.contains("# TYPE baker_reconcile_errors"), "{text}");

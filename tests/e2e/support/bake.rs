@@ -125,12 +125,13 @@ impl Operator {
         Self::start_as(rig, "op", "", &rig.kubeconfig_path(), args, env).await
     }
 
-    /// Starts `baker run --seed-api` for `namespace` with `token` in a token file, and waits
-    /// until it is ready; the directory holding the token file goes with it.
+    /// Starts `baker run --seed-api` (and `extra` flags) for `namespace` with `token` in a token
+    /// file, and waits until it is ready; the directory holding the token file goes with it.
     pub async fn start_seed_api(
         rig: &Rig,
         namespace: &str,
         token: &str,
+        extra: &[&str],
     ) -> Result<(Operator, tempfile::TempDir)> {
         let dir = tempfile::tempdir()?;
         let token_file = dir.path().join("token");
@@ -141,7 +142,7 @@ impl Operator {
             "seed",
             namespace,
             &rig.kubeconfig_path(),
-            &["--seed-api", "--seed-api-token-file", &token_file],
+            &[&["--seed-api", "--seed-api-token-file", &token_file], extra].concat(),
             &[],
         )
         .await?;
