@@ -4,7 +4,7 @@ SHELL := bash
 .DEFAULT_GOAL := help
 RIG := tests/rig/rig.sh
 
-.PHONY: help rig-up rig-down rig-status test bench bench-ci lint fmt-check clippy fmt crds chart-crds demo demo-down demo-two-pass demo-two-pass-down
+.PHONY: help rig-up rig-down rig-status test bench bench-ci faults lint fmt-check clippy fmt crds chart-crds demo demo-down demo-two-pass demo-two-pass-down
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  %-12s %s\n", $$1, $$2 }'
@@ -26,6 +26,9 @@ bench: ## scale benchmark on the rig, full size, release operator (about 35 min)
 
 bench-ci: ## the same at small size with the debug operator (a few minutes); fails if a count misses its goal
 	tests/rig/bench.sh small
+
+faults: ## fault suite on the rig (EC2 faults, operator/apiserver/etcd/node/packer/leader kills; 50 Bakes each): table, and target/faults/report.json
+	tests/rig/faults.sh full
 
 lint: fmt-check clippy ## rustfmt check and clippy with warnings as errors (`make -k lint` runs both even if one fails)
 

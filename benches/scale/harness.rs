@@ -105,7 +105,12 @@ impl Bench {
 
     /// Starts `baker run` with its own identity (`POD_NAME`), for leader election.
     pub async fn operator_named(&self, name: &str, args: &[&str]) -> Result<Running> {
-        let op = Operator::start_as(self.rig, name, &self.ns, &self.rig.kubeconfig_path(), args, &[]).await?;
+        self.operator_with(name, args, &[]).await
+    }
+
+    /// The same with extra environment (e.g. an `AWS_ENDPOINT_URL_EC2` of a proxy).
+    pub async fn operator_with(&self, name: &str, args: &[&str], env: &[(&str, &str)]) -> Result<Running> {
+        let op = Operator::start_as(self.rig, name, &self.ns, &self.rig.kubeconfig_path(), args, env).await?;
         Running::new(op).await
     }
 

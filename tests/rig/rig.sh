@@ -551,11 +551,35 @@ cmd_reset_ec2() {
 	log "EC2 state reset: only the rig's source images remain"
 }
 
+# Stops one component of a running rig (SIGKILL, or SIGTERM with a grace), then brings the rig
+# back up, which starts only what is not running: how the fault suite restarts a component.
+cmd_restart() { # name [KILL|TERM]
+	local name=${1:-} how=${2:-TERM} pid
+	case $name in
+	moto | etcd | kube-apiserver | kube-controller-manager | kube-scheduler | node) ;;
+	*) die "restart what? one of: moto etcd kube-apiserver kube-controller-manager kube-scheduler node" ;;
+	esac
+	[ -f "$state/ports" ] || die "no rig in $state"
+	pid=$(pid_of "$name")
+	if ours "$pid"; then
+		log "restart: stopping $name ($pid) with SIG$how"
+		if [ "$how" = KILL ]; then
+			kill -KILL "$pid" 2>/dev/null || true
+			local i
+			for i in $(seq 50); do ours "$pid" || break; sleep 0.1; done
+		else
+			stop_pid "$name" "$pid" 10
+		fi
+	fi
+	cmd_up
+}
+
 case "${1:-}" in
 up) cmd_up ;;
+restart) shift; cmd_restart "$@" ;;
 reset-ec2) cmd_reset_ec2 ;;
 down) cmd_down ;;
 status) cmd_status ;;
 leftovers) cmd_leftovers ;;
-*) echo "usage: $0 up|down|status|leftovers|reset-ec2" >&2; exit 2 ;;
+*) echo "usage: $0 up|down|status|leftovers|reset-ec2|restart <component> [KILL|TERM]" >&2; exit 2 ;;
 esac
