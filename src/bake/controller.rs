@@ -608,7 +608,7 @@ async fn observe_pod(b: &BakeRef<'_>, ctx: &Context, pod: &Pod) -> Result<Action
             let finished = pod_finished_at(pod);
             confirm_image(b, ctx, &manifest, finished).await?
         }
-        PodOutcome::DeadlineExceeded => match adoptable_image(b, ctx).await? {
+        PodOutcome::DeadlineExceeded => match sweep_then_adopt(b, ctx).await? {
             Some(ami) => Transition::new(
                 Reason::Adopted,
                 format!(
@@ -624,7 +624,7 @@ async fn observe_pod(b: &BakeRef<'_>, ctx: &Context, pod: &Pod) -> Result<Action
                 ),
             ),
         },
-        PodOutcome::Failed { message } => match adoptable_image(b, ctx).await? {
+        PodOutcome::Failed { message } => match sweep_then_adopt(b, ctx).await? {
             Some(ami) => Transition::new(
                 Reason::Adopted,
                 format!("packer failed after the AMI was created; using {ami} found by the Bake's UID tag"),
@@ -740,6 +740,42 @@ async fn adoptable_image(b: &BakeRef<'_>, ctx: &Context) -> Result<Option<String
         .map(|i| i.image_id))
 }
 
+/// Packer did not end on its own terms (it failed, timed out, or its pod is gone), so what it
+/// cleans up on the way out may still be in EC2, costing money: an instance, its volumes, its
+/// temporary security group and key pair. Sweep them now (never images), not only when the Bake
+/// is deleted; then look for the AMI the bake may have made before it ended. A sweep EC2 refuses
+/// does not hold the Bake: a Warning Event says so, and the deletion sweeps again.
+async fn sweep_then_adopt(b: &BakeRef<'_>, ctx: &Context) -> Result<Option<String>> {
+    if let Some(region) = region_of(b, ctx) {
+        match ctx.ec2.sweep(&region, &b.uid, false).await {
+            Ok(report) if !report.is_empty() => {
+                info!(removed = %report.describe(), "swept what packer left behind");
+                ctx.publish(
+                    b,
+                    EventType::Normal,
+                    "Cleaned",
+                    format!("packer did not finish; removed what it left: {}", report.describe()),
+                )
+                .await;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %crate::error::chain(&e), "could not sweep what packer left behind");
+                ctx.publish(
+                    b,
+                    EventType::Warning,
+                    "CleanupIncomplete",
+                    format!(
+                        "packer did not finish and EC2 refused the sweep of what it may have left ({e}); deleting the Bake sweeps again"
+                    ),
+                )
+                .await;
+            }
+        }
+    }
+    adoptable_image(b, ctx).await
+}
+
 /// Packer said it made an AMI: believe it once EC2 lists it with the Bake's UID tag.
 async fn confirm_image(
     b: &BakeRef<'_>,
@@ -812,7 +848,7 @@ async fn confirm_image(
 
 async fn pod_vanished(b: &BakeRef<'_>, ctx: &Context, pod_uid: Option<String>) -> Result<Action> {
     let pod_name = b.status().and_then(|s| s.pod_name.clone()).unwrap_or_default();
-    let t = match adoptable_image(b, ctx).await? {
+    let t = match sweep_then_adopt(b, ctx).await? {
         Some(ami) => Transition::new(
             Reason::Adopted,
             format!("bake pod {pod_name} is gone, but the AMI it made exists: {ami}"),

@@ -14,15 +14,75 @@ use crate::spawn::{group_alive, signal_group};
 
 /// Process groups of running containers with their pods' grace periods,
 /// so the node can take them down when it is stopped itself.
+///
+/// With a record file, the groups (and their leaders' start times) are also
+/// written there: a node process that was killed cannot stop its containers,
+/// so the next one kills what the record names before it marks those pods
+/// `NodeRestarted` (their processes are then really gone, as on a node that
+/// died).
 #[derive(Debug, Clone, Default)]
 pub struct ProcessGroups {
     inner: Arc<Mutex<HashMap<i32, Duration>>>,
+    record: Option<PathBuf>,
+}
+
+/// The start time of process `pid` (field 22 of /proc/<pid>/stat), which
+/// tells a recorded process from a later one that reused its pid.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after it do not.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 impl ProcessGroups {
+    /// Groups recorded in `record` as they start and end.
+    pub fn recorded(record: PathBuf) -> ProcessGroups {
+        ProcessGroups {
+            inner: Default::default(),
+            record: Some(record),
+        }
+    }
+
+    /// SIGKILLs every group a previous node process recorded in `record` whose
+    /// leader is still the process that was recorded, and empties the record.
+    /// Returns how many groups it killed.
+    pub fn kill_recorded(record: &Path) -> usize {
+        let Ok(text) = std::fs::read_to_string(record) else {
+            return 0;
+        };
+        let mut killed = 0;
+        for line in text.lines() {
+            let mut parts = line.split_whitespace();
+            let (Some(Ok(pgid)), Some(Ok(started))) = (
+                parts.next().map(str::parse::<i32>),
+                parts.next().map(str::parse::<u64>),
+            ) else {
+                continue;
+            };
+            if start_time(pgid) == Some(started) && signal_group(pgid, libc::SIGKILL) {
+                killed += 1;
+            }
+        }
+        let _ = std::fs::remove_file(record);
+        killed
+    }
+
     fn with<R>(&self, f: impl FnOnce(&mut HashMap<i32, Duration>) -> R) -> R {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut guard)
+        let r = f(&mut guard);
+        if let Some(record) = &self.record {
+            let text: String = guard
+                .keys()
+                .filter_map(|g| start_time(*g).map(|t| format!("{g} {t}\n")))
+                .collect();
+            // Best effort: without the record a killed node leaves orphans, as before.
+            let tmp = record.with_extension("tmp");
+            if std::fs::write(&tmp, text).is_ok() {
+                let _ = std::fs::rename(&tmp, record);
+            }
+        }
+        r
     }
 
     pub fn add(&self, pgid: i32, grace: Duration) {
@@ -103,4 +163,53 @@ pub fn pods_root(state_dir: &Path) -> PathBuf {
 
 pub fn pod_dir(state_dir: &Path, uid: &str) -> PathBuf {
     pods_root(state_dir).join(uid)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::CommandExt;
+
+    use super::*;
+
+    fn sleeper() -> std::process::Child {
+        std::process::Command::new("sleep")
+            .arg("60")
+            .process_group(0)
+            .spawn()
+            .expect("spawning sleep")
+    }
+
+    fn record_path(name: &str) -> PathBuf {
+        std::env::temp_dir().join(format!("baker-rig-node-{name}-{}", std::process::id()))
+    }
+
+    #[test]
+    fn a_recorded_group_is_killed_by_the_next_node_process_and_the_record_emptied() {
+        let record = record_path("kill");
+        let mut child = sleeper();
+        let pgid = child.id() as i32;
+        ProcessGroups::recorded(record.clone()).add(pgid, Duration::from_secs(1));
+        assert_eq!(ProcessGroups::kill_recorded(&record), 1);
+        assert!(
+            child.wait().is_ok_and(|s| !s.success()),
+            "the group was not killed"
+        );
+        assert!(!record.exists(), "the record was not emptied");
+    }
+
+    #[test]
+    fn a_recorded_pid_now_held_by_another_process_is_left_alone() {
+        let record = record_path("reuse");
+        let mut child = sleeper();
+        let pgid = child.id() as i32;
+        let started = start_time(pgid).expect("a start time");
+        std::fs::write(&record, format!("{pgid} {}\n", started + 1)).expect("writing the record");
+        assert_eq!(ProcessGroups::kill_recorded(&record), 0);
+        assert!(
+            child.try_wait().is_ok_and(|s| s.is_none()),
+            "a process not recorded was killed"
+        );
+        let _ = child.kill();
+        let _ = child.wait();
+    }
 }

@@ -93,6 +93,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", args.listen))?;
     let port = listener.local_addr()?.port();
 
+    // Containers of a node process that was killed are still running: kill them before this
+    // process marks their pods NodeRestarted.
+    let record = state_dir.join("process-groups");
+    let killed = ProcessGroups::kill_recorded(&record);
+    if killed > 0 {
+        tracing::warn!(
+            groups = killed,
+            "killed the containers a previous node process left running"
+        );
+    }
     let logs = LogRegistry::default();
     let ctx = Arc::new(NodeContext {
         client: client.clone(),
@@ -102,7 +112,7 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
         recorder: Recorder::new(client.clone(), args.node_name.clone()),
         service_env: envvars::kubernetes_service_env(&api_host, api_port),
         host_path: std::env::var("PATH").unwrap_or_else(|_| "/usr/local/bin:/usr/bin:/bin".into()),
-        groups: ProcessGroups::default(),
+        groups: ProcessGroups::recorded(record),
         shutting_down: Default::default(),
     });
     tracing::info!(node = %args.node_name, %port, "kubelet endpoint listening");
