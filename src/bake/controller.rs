@@ -754,7 +754,10 @@ async fn sweep_then_adopt(b: &BakeRef<'_>, ctx: &Context) -> Result<Option<Strin
                     b,
                     EventType::Normal,
                     "Cleaned",
-                    format!("packer did not finish; removed what it left: {}", report.describe()),
+                    format!(
+                        "packer did not finish; removed what it left: {}",
+                        report.describe()
+                    ),
                 )
                 .await;
             }

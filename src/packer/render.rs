@@ -649,15 +649,7 @@ mod tests {
     fn bake_values_only_appear_as_variables() {
         let t = ebs_template();
         let (b, id) = (bake(), identity());
-        let input = RenderInput {
-            bake: &b,
-            identity: &id,
-            template_name: "ebs-example",
-            template: &t,
-            source: ResolvedSource::AmiId("ami-0123456789abcdef0".into()),
-            default_ec2_endpoint: None,
-            bake_key: "",
-        };
+        let input = input_with(&t, &b, &id, ResolvedSource::AmiId("ami-0123456789abcdef0".into()));
         let v = render(&input).unwrap();
         assert_eq!(v["variables"]["service"], "simple-service");
         let builders = v["builders"].to_string();
@@ -678,15 +670,7 @@ mod tests {
         let mut t = ebs_template();
         t.tags.insert(keys::BAKE_UID.into(), "forged".into());
         let (b, id) = (bake(), identity());
-        let input = RenderInput {
-            bake: &b,
-            identity: &id,
-            template_name: "ebs-example",
-            template: &t,
-            source: ResolvedSource::AmiId("ami-0123456789abcdef0".into()),
-            default_ec2_endpoint: None,
-            bake_key: "",
-        };
+        let input = input_with(&t, &b, &id, ResolvedSource::AmiId("ami-0123456789abcdef0".into()));
         let v = render(&input).unwrap();
         for key in ["tags", "snapshot_tags", "run_tags", "run_volume_tags"] {
             assert_eq!(
@@ -726,15 +710,7 @@ mod tests {
         let mut t = ebs_template();
         t.communicator = Some(Communicator::None);
         let (b, id) = (bake(), identity());
-        let input = RenderInput {
-            bake: &b,
-            identity: &id,
-            template_name: "x",
-            template: &t,
-            source: ResolvedSource::AmiId("ami-0123456789abcdef0".into()),
-            default_ec2_endpoint: None,
-            bake_key: "",
-        };
+        let input = input_with(&t, &b, &id, ResolvedSource::AmiId("ami-0123456789abcdef0".into()));
         assert_eq!(
             render(&input).unwrap_err(),
             RenderError::ProvisionersWithoutCommunicator
@@ -754,15 +730,12 @@ mod tests {
             catalog: None,
         };
         let (b, id) = (bake(), identity());
-        let input = RenderInput {
-            bake: &b,
-            identity: &id,
-            template_name: "x",
-            template: &t,
-            source: ResolvedSource::Filter(t.source.filter.clone().unwrap_or_default()),
-            default_ec2_endpoint: None,
-            bake_key: "",
-        };
+        let input = input_with(
+            &t,
+            &b,
+            &id,
+            ResolvedSource::Filter(t.source.filter.clone().unwrap_or_default()),
+        );
         let v = render(&input).unwrap();
         let f = &v["builders"][0]["source_ami_filter"];
         assert_eq!(f["filters"]["name"], "amzn2-ami-hvm-*");

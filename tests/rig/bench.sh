@@ -34,26 +34,10 @@ t1=${EPOCHREALTIME/,/.}
 mkdir -p target/bench
 cp "$built" "target/bench/baker-$size"
 
-harness=$(cargo bench --profile dev --bench scale --no-run --message-format=json-render-diagnostics |
-	grep '"kind":\["bench"\]' | grep '"name":"scale"' |
-	sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
-[ -n "$harness" ] || { log "cargo did not report the bench executable"; exit 1; }
-
-rig_rc=0
-"$rig" status >/dev/null 2>&1 || rig_rc=$?
-started=0
-[ "$rig_rc" != 3 ] || started=1
-trap 'rc=$?; if [ "$started" = 1 ]; then "$rig" down || rc=1; fi; exit $rc' EXIT
-[ "$started" = 0 ] || log "no rig: bringing one up; it is taken down at the end"
-"$rig" up
-
-state=$(realpath -m "${BAKER_RIG_DIR:-target/rig}")
-# The demo's operator watches every namespace and would act on the bench's Bakes too.
-if [ -f "$state/demo/operator.pid" ] && kill -0 "$(cat "$state/demo/operator.pid")" 2>/dev/null; then
-	log "stopping the demo's operator (it watches every namespace); make demo starts it again"
-	kill "$(cat "$state/demo/operator.pid")" || true
-	rm -f "$state/demo/operator.pid"
-fi
+# shellcheck source=tests/rig/harness.sh
+. "$here/harness.sh"
+harness=$(harness_executable scale)
+rig_for_harness
 
 BAKER_RIG_DIR=$state BAKER_BIN=$root/target/bench/baker-$size "$harness" \
 	--size "$size" --build-profile "$profile" --built-at "$built" \

@@ -27,25 +27,9 @@ log "building the operator and the fault harness"
 cargo build --bin baker
 mkdir -p target/faults
 cp "${CARGO_TARGET_DIR:-target}/debug/baker" target/faults/baker
-harness=$(cargo bench --profile dev --bench faults --no-run --message-format=json-render-diagnostics |
-	grep '"kind":\["bench"\]' | grep '"name":"faults"' |
-	sed -n 's/.*"executable":"\([^"]*\)".*/\1/p' | tail -n 1)
-[ -n "$harness" ] || { log "cargo did not report the faults executable"; exit 1; }
-
-rig_rc=0
-"$rig" status >/dev/null 2>&1 || rig_rc=$?
-started=0
-[ "$rig_rc" != 3 ] || started=1
-trap 'rc=$?; if [ "$started" = 1 ]; then "$rig" down || rc=1; fi; exit $rc' EXIT
-[ "$started" = 0 ] || log "no rig: bringing one up; it is taken down at the end"
-"$rig" up
-
-state=$(realpath -m "${BAKER_RIG_DIR:-target/rig}")
-# The demo's operator watches every namespace and would act on the suite's Bakes too.
-if [ -f "$state/demo/operator.pid" ] && kill -0 "$(cat "$state/demo/operator.pid")" 2>/dev/null; then
-	log "stopping the demo's operator (it watches every namespace); make demo starts it again"
-	kill "$(cat "$state/demo/operator.pid")" || true
-	rm -f "$state/demo/operator.pid"
-fi
+# shellcheck source=tests/rig/harness.sh
+. "$here/harness.sh"
+harness=$(harness_executable faults)
+rig_for_harness
 
 BAKER_RIG_DIR=$state BAKER_BIN=$root/target/faults/baker "$harness" --size "$size" "$@"

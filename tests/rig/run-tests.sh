@@ -4,7 +4,8 @@
 # already running stays up (a half-dead one is repaired first).
 #
 # Every test runs (tests/rig/test-binaries.sh): the unit tests a binary at a time, the e2e binary
-# a module at a time, each even when an earlier one failed; moto's EC2 state is reset before each
+# a module at a time, each even when an earlier one failed; then the fault suite, small
+# (tests/rig/faults.sh); moto's EC2 state is reset before each
 # e2e module, so no module depends on what another left behind. A summary line per unit (result,
 # counts, seconds) closes the run. Exits non-zero if any unit failed, or if the rig's own checks
 # did.
@@ -78,6 +79,13 @@ if [ -n "${ONLY:-}" ]; then
 else
 	"$here/test-binaries.sh"
 	tests_rc=$?
+	# The fault suite, small: each kind of fault over 12 Bakes (`make faults` runs 50).
+	log "fault suite (small): tests/rig/faults.sh small"
+	t=$SECONDS
+	"$here/faults.sh" small
+	faults_rc=$?
+	log "fault suite exited $faults_rc after $((SECONDS - t))s"
+	[ "$faults_rc" = 0 ] || tests_rc=$faults_rc
 fi
 log "tests exited $tests_rc after $((SECONDS - start))s"
 
