@@ -100,6 +100,9 @@ struct Args {
 
 const CAP: &str = "4";
 const CATALOG: &str = "base";
+/// The service whose versions a catalog with retention (keep the newest one) watches: its use
+/// checks run under the faults too, and every image stays, since a Bake uses each.
+const RETAINED: &str = "retained";
 
 fn main() -> ExitCode {
     let args = Args::parse();
@@ -135,6 +138,8 @@ struct Outcome {
     /// `phase/reason` -> count, plus `Deleted` for Bakes deleted mid-run.
     finished: BTreeMap<String, usize>,
     duplicate_amis: usize,
+    /// Succeeded Bakes whose AMI EC2 no longer lists (retention must keep what a Bake uses).
+    lost_amis: usize,
     packer_twice: usize,
     leaked: Vec<String>,
     stuck: Vec<String>,
@@ -147,6 +152,7 @@ impl Outcome {
     fn must_be_zero(&self) -> usize {
         [
             self.duplicate_amis,
+            self.lost_amis,
             self.packer_twice,
             self.leaked.len(),
             self.stuck.len(),
@@ -201,7 +207,7 @@ async fn run(args: &Args, size: Size) -> Result<usize> {
         "seconds": started.elapsed().as_secs_f64(),
         "scenarios": outcomes.iter().map(|o| json!({
             "scenario": o.scenario, "bakes": o.bakes, "finished": o.finished,
-            "duplicateAmis": o.duplicate_amis, "packerTwice": o.packer_twice,
+            "duplicateAmis": o.duplicate_amis, "lostAmis": o.lost_amis, "packerTwice": o.packer_twice,
             "leaked": o.leaked, "stuck": o.stuck, "errors": o.errors,
             "faults": o.faults, "seconds": o.seconds,
         })).collect::<Vec<_>>(),
@@ -253,13 +259,15 @@ struct Planned {
 }
 
 /// The workload of `n` Bakes: per ten, one whose source comes from a catalog, an identical pair,
-/// and seven of their own (one of them deleted mid-bake).
+/// one more version of the service a retention catalog keeps one image of, and six of their own
+/// (one of them deleted mid-bake).
 fn workload(n: usize) -> Vec<Planned> {
     (0..n)
         .map(|i| {
             let (service, version, from_catalog) = match i % 10 {
                 1 => (format!("cat-{i}"), "1.0.0".to_string(), true),
                 2 | 3 => (format!("same-{}", i / 10), "1.0.0".to_string(), false),
+                5 => (RETAINED.to_string(), format!("1.0.{i}"), false),
                 _ => (format!("svc-{i}"), "1.0.0".to_string(), false),
             };
             Planned {
@@ -398,6 +406,8 @@ async fn scenario(
     // it root device type `standard`, which amazon-ebs refuses).
     let spec = "owners: [self]\nnamePattern: \"baker-rig-source-*\"\ntags: {baker.io/rig: source}";
     apply_catalog(&catalogs, CATALOG, spec).await?;
+    let spec = format!("service: {RETAINED}\nrefreshIntervalSeconds: 10\nretention:\n  keepNewest: 1");
+    apply_catalog(&catalogs, RETAINED, &spec).await?;
 
     let mut args = vec!["--max-concurrent-bakes".to_string(), CAP.to_string()];
     let mut names = vec!["a"];
@@ -578,7 +588,12 @@ async fn scenario(
         }
         tokio::time::sleep(Duration::from_secs(2)).await;
     };
-    let duplicate_amis = duplicate_amis(&rig.ec2()).await?;
+    let (duplicate_amis, listed) = duplicate_amis(&rig.ec2()).await?;
+    let lost_amis = bakes
+        .iter()
+        .filter_map(|b| b.status.as_ref()?.ami_id.clone())
+        .filter(|id| !listed.contains(id))
+        .count();
     let errors = ops.finish().await;
     pod_task.abort();
     let faults = match &proxy {
@@ -603,6 +618,7 @@ async fn scenario(
         bakes: n,
         finished,
         duplicate_amis,
+        lost_amis,
         packer_twice: pods.twice(),
         leaked,
         stuck,
@@ -704,8 +720,8 @@ async fn leaked_resources(ec2: &aws_sdk_ec2::Client, live: &BTreeSet<String>) ->
     Ok(leaked)
 }
 
-/// Images beyond the first for one bake key.
-async fn duplicate_amis(ec2: &aws_sdk_ec2::Client) -> Result<usize> {
+/// Images beyond the first for one bake key, and the ids of every image Baker tagged.
+async fn duplicate_amis(ec2: &aws_sdk_ec2::Client) -> Result<(usize, BTreeSet<String>)> {
     use aws_sdk_ec2::types::Filter;
     let images = ec2
         .describe_images()
@@ -714,6 +730,11 @@ async fn duplicate_amis(ec2: &aws_sdk_ec2::Client) -> Result<usize> {
         .send()
         .await?;
     let mut per_key = BTreeMap::<String, usize>::new();
+    let ids = images
+        .images()
+        .iter()
+        .filter_map(|i| i.image_id().map(String::from))
+        .collect();
     for i in images.images() {
         if let Some(k) = i
             .tags()
@@ -724,14 +745,15 @@ async fn duplicate_amis(ec2: &aws_sdk_ec2::Client) -> Result<usize> {
             *per_key.entry(k.to_string()).or_default() += 1;
         }
     }
-    Ok(per_key.values().map(|c| c.saturating_sub(1)).sum())
+    Ok((per_key.values().map(|c| c.saturating_sub(1)).sum(), ids))
 }
 
 fn line(o: &Outcome) -> String {
     format!(
-        "finished {:?}; duplicate AMIs {}; packer twice {}; leaked {}; stuck {}; errors {:?}; {:.0} s",
+        "finished {:?}; duplicate AMIs {}; lost AMIs {}; packer twice {}; leaked {}; stuck {}; errors {:?}; {:.0} s",
         o.finished,
         o.duplicate_amis,
+        o.lost_amis,
         o.packer_twice,
         o.leaked.len(),
         o.stuck.len(),
@@ -742,17 +764,18 @@ fn line(o: &Outcome) -> String {
 
 fn table(outcomes: &[Outcome]) -> String {
     let mut out = String::from(
-        "| scenario | faults | Bakes finished, by phase/reason | duplicate AMIs | packer twice | leaked EC2 | stuck | operator errors | time |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| scenario | faults | Bakes finished, by phase/reason | duplicate AMIs | lost AMIs | packer twice | leaked EC2 | stuck | operator errors | time |\n|---|---|---|---|---|---|---|---|---|---|\n",
     );
     for o in outcomes {
         let finished: Vec<String> = o.finished.iter().map(|(k, v)| format!("{k} {v}")).collect();
         let errors: Vec<String> = o.errors.iter().map(|(k, v)| format!("{k} {v}")).collect();
         out.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {:.0} s |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.0} s |\n",
             o.scenario,
             o.faults,
             finished.join(", "),
             o.duplicate_amis,
+            o.lost_amis,
             o.packer_twice,
             if o.leaked.is_empty() {
                 "0".to_string()
