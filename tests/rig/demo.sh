@@ -110,7 +110,7 @@ kubectl -n $ns describe bake $bake|conditions and events
 kubectl -n $ns logs pod/$pod|packer's output
 kubectl -n $ns get bake $bake -o yaml|full status: source image, pod, times
 kubectl -n $ns get amicatalogs|the newest images of simple-service
-curl $api/amis/simple-service|the same through the HTTP API
+curl -H "Authorization: Bearer \$(cat $demo_dir/api-token)" $api/amis/simple-service|the same through the HTTP API (token needed)
 curl $api/metrics|Prometheus metrics
 tests/rig/demo.sh down|stop the operator and the rig (make demo-down)
 EOF
