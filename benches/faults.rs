@@ -290,9 +290,14 @@ impl PodLog {
         let log = PodLog::default();
         let seen = log.clone();
         let task = tokio::spawn(async move {
-            let stream = watcher(pods, watcher::Config::default()).applied_objects();
+            // With backoff, and past errors: the API server restarts in one scenario, and a
+            // watch that ended there would stop counting pods.
+            let stream = watcher(pods, watcher::Config::default())
+                .default_backoff()
+                .applied_objects();
             futures::pin_mut!(stream);
-            while let Some(Ok(pod)) = stream.next().await {
+            while let Some(item) = stream.next().await {
+                let Ok(pod) = item else { continue };
                 let mut map = seen.0.lock().unwrap_or_else(|p| p.into_inner());
                 map.entry(pod.name_any())
                     .or_default()
@@ -386,6 +391,25 @@ async fn scenario(
         Size::Small => 12,
     };
     let bench = Bench::setup(rig, client.clone()).await?;
+    // The namespace and its templates go whatever happened, or a failed scenario would leave
+    // its Bakes for the next one's cluster-scoped view.
+    let outcome = under_fault(rig, client, &bench, s, size, seed, n).await;
+    bench.teardown().await?;
+    let mut outcome = outcome?;
+    outcome.seconds = started.elapsed().as_secs_f64();
+    Ok(outcome)
+}
+
+/// The workload of `n` Bakes in `bench`'s namespace under fault `s`, and what it left.
+async fn under_fault(
+    rig: &'static support::Rig,
+    client: kube::Client,
+    bench: &Bench,
+    s: Scenario,
+    size: Size,
+    seed: u64,
+    n: usize,
+) -> Result<Outcome> {
     let mut rng = Rng::new(seed);
     let proxy = if s == Scenario::Ec2Faults {
         Some(FaultProxy::start(support::bake::host_port(rig.ec2_endpoint()), 0.2, seed).await?)
@@ -419,7 +443,7 @@ async fn scenario(
         .as_ref()
         .map(|p| vec![("AWS_ENDPOINT_URL_EC2".to_string(), p.url.clone())])
         .unwrap_or_default();
-    let mut ops = Operators::start(&bench, &names, args, env).await?;
+    let mut ops = Operators::start(bench, &names, args, env).await?;
     for (_, op) in &ops.live {
         op.wait_ready(Duration::from_secs(60)).await?;
     }
@@ -493,7 +517,7 @@ async fn scenario(
                 continue;
             }
             match what {
-                "operator" => ops.kill_and_restart(&bench, 0).await?,
+                "operator" => ops.kill_and_restart(bench, 0).await?,
                 "leader" => {
                     let lease = Api::<Lease>::namespaced(client.clone(), &bench.ns)
                         .get_opt("baker")
@@ -501,7 +525,7 @@ async fn scenario(
                     let holder = lease.and_then(|l| l.spec?.holder_identity).unwrap_or_default();
                     let i = ops.live.iter().position(|(n, _)| *n == holder).unwrap_or(0);
                     eprintln!("[faults] the leader is {holder:?}");
-                    ops.kill_and_restart(&bench, i).await?;
+                    ops.kill_and_restart(bench, i).await?;
                 }
                 "packer" => {
                     if !kill_a_packer() {
@@ -624,9 +648,8 @@ async fn scenario(
         stuck,
         errors,
         faults,
-        seconds: started.elapsed().as_secs_f64(),
+        seconds: 0.0,
     };
-    bench.teardown().await?;
     Ok(outcome)
 }
 

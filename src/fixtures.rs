@@ -38,3 +38,8 @@ pub fn bake_spec(version: &str) -> BakeSpec {
         deregister_image_on_delete: false,
     }
 }
+
+/// A file of the checkout as text, or a panic naming it (for tests that compare committed files).
+pub fn read(path: &std::path::Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}

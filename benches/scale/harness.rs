@@ -166,8 +166,18 @@ impl Bench {
     pub async fn teardown(self) -> Result<()> {
         let listed = self.bakes.list_metadata(&ListParams::default()).await?.items;
         release(&self.bakes, &holding_finalizers(&listed), "teardown: releasing").await?;
+        // Every BakeTemplate named after the namespace: the bench's two and any a run added.
         let templates: Api<BakeTemplate> = Api::all(self.client.clone());
-        for t in [&self.template, &self.parked_template] {
+        let prefix = format!("{}-", self.ns);
+        let names: Vec<String> = templates
+            .list_metadata(&ListParams::default())
+            .await?
+            .items
+            .iter()
+            .map(|t| t.name_any())
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        for t in &names {
             match templates.delete(t, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.is_not_found() => {}

@@ -4,16 +4,14 @@
 
 use std::path::{Path, PathBuf};
 
+use crate::fixtures::read;
+
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn chart_dir() -> PathBuf {
     root().join("charts/baker")
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 #[test]

@@ -8,6 +8,8 @@
 
 use std::path::Path;
 
+use crate::fixtures::read;
+
 /// Every builder x virtualization type combination, as (example template, virtualization type).
 const COMBINATIONS: [(&str, &str); 4] = [
     ("ebs-example", "hvm"),
@@ -33,10 +35,6 @@ fn render_example(template: &str, virt: &str) -> String {
         None,
     )
     .unwrap_or_else(|e| panic!("rendering {template}/{virt}: {e}"))
-}
-
-fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
 }
 
 #[test]

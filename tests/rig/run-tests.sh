@@ -4,11 +4,10 @@
 # already running stays up (a half-dead one is repaired first).
 #
 # Every test runs (tests/rig/test-binaries.sh): the unit tests a binary at a time, the e2e binary
-# a module at a time, each even when an earlier one failed; then the fault suite, small
-# (tests/rig/faults.sh); moto's EC2 state is reset before each
+# a module at a time, each even when an earlier one failed; moto's EC2 state is reset before each
 # e2e module, so no module depends on what another left behind. A summary line per unit (result,
-# counts, seconds) closes the run. Exits non-zero if any unit failed, or if the rig's own checks
-# did.
+# counts, seconds) closes that part. Then the fault suite runs, small (tests/rig/faults.sh).
+# Exits non-zero if any unit or the fault suite failed, or if the rig's own checks did.
 #
 # Env: BAKER_RIG_DIR (state dir); ONLY=<filter>: run just `cargo test --test e2e --
 # --include-ignored <filter>` instead (e.g. ONLY=bake_lifecycle::with_a_cap; libtest matches it

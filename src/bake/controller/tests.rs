@@ -302,7 +302,7 @@ async fn a_bake_replaced_under_its_name_while_reconciled_gets_no_status_and_is_r
 
 /// A Bake whose pod `bake-b` ran in eu-west-1 and has now failed, with an instance packer left
 /// running (tagged with the Bake's UID).
-fn packer_died() -> (Bake, Pod, Rig) {
+fn packer_died() -> (Bake, Rig) {
     let mut b = bake();
     b.status = Some(BakeStatus {
         phase: Some(crate::api::BakePhase::Running),
@@ -311,20 +311,19 @@ fn packer_died() -> (Bake, Pod, Rig) {
         region: Some("eu-west-1".into()),
         ..Default::default()
     });
-    let failed = pod("Failed");
-    let rig = rig(vec![b.clone()], vec![failed.clone()], |_| None);
+    let rig = rig(vec![b.clone()], vec![pod("Failed")], |_| None);
     rig.ec2.add_instance(
         "eu-west-1",
         crate::ec2_fake::FakeInstance::new("i-left", "ami-0123456789abcdef0")
             .state("running")
             .tag(crate::api::keys::BAKE_UID, UID),
     );
-    (b, failed, rig)
+    (b, rig)
 }
 
 #[tokio::test]
 async fn when_packer_dies_after_creating_the_ami_the_instance_it_left_is_terminated_and_the_ami_adopted() {
-    let (b, _, rig) = packer_died();
+    let (b, rig) = packer_died();
     rig.ec2.add_image(
         "eu-west-1",
         crate::ec2_fake::FakeImage::new("ami-0fedcba987654321f", "svc-1.0.0", "2026-12-01T00:00:00.000Z")
@@ -344,7 +343,7 @@ async fn when_packer_dies_after_creating_the_ami_the_instance_it_left_is_termina
 
 #[tokio::test]
 async fn a_sweep_ec2_refuses_after_packer_died_does_not_hold_the_bake_and_a_warning_says_so() {
-    let (b, _, rig) = packer_died();
+    let (b, rig) = packer_died();
     rig.ec2
         .fail_always("DescribeInstances", crate::ec2_fake::FakeError::throttled());
     reconcile(Arc::new(b), rig.ctx.clone())

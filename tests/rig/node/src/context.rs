@@ -70,9 +70,15 @@ impl ProcessGroups {
 
     fn with<R>(&self, f: impl FnOnce(&mut HashMap<i32, Duration>) -> R) -> R {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let r = f(&mut guard);
-        if let Some(record) = &self.record {
-            let text: String = guard
+        f(&mut guard)
+    }
+
+    /// Applies a change, then rewrites the record (under the lock, so writes never interleave).
+    fn change(&self, f: impl FnOnce(&mut HashMap<i32, Duration>)) {
+        self.with(|groups| {
+            f(groups);
+            let Some(record) = &self.record else { return };
+            let text: String = groups
                 .keys()
                 .filter_map(|g| start_time(*g).map(|t| format!("{g} {t}\n")))
                 .collect();
@@ -81,16 +87,19 @@ impl ProcessGroups {
             if std::fs::write(&tmp, text).is_ok() {
                 let _ = std::fs::rename(&tmp, record);
             }
-        }
-        r
+        })
     }
 
     pub fn add(&self, pgid: i32, grace: Duration) {
-        self.with(|s| s.insert(pgid, grace));
+        self.change(|s| {
+            s.insert(pgid, grace);
+        });
     }
 
     pub fn remove(&self, pgid: i32) {
-        self.with(|s| s.remove(&pgid));
+        self.change(|s| {
+            s.remove(&pgid);
+        });
     }
 
     pub fn snapshot(&self) -> Vec<(i32, Duration)> {
