@@ -45,7 +45,7 @@ impl Ec2Error {
         }
     }
 
-    fn from_sdk<E, R>(action: &'static str, err: aws_sdk_ec2::error::SdkError<E, R>) -> Self
+    pub(crate) fn from_sdk<E, R>(action: &'static str, err: aws_sdk_ec2::error::SdkError<E, R>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug + Send + Sync + 'static,
@@ -91,6 +91,13 @@ pub struct ImageSummary {
     pub tags: BTreeMap<String, String>,
     /// Snapshots of the image's EBS block devices.
     pub snapshot_ids: Vec<String>,
+    pub description: Option<String>,
+    /// When EC2 marks the image deprecated (ISO 8601), if it does.
+    pub deprecation_time: Option<String>,
+    /// Whether an EBS snapshot of the image is encrypted.
+    pub encrypted: bool,
+    /// Why the image is in its state (e.g. why a copy failed).
+    pub state_reason: Option<String>,
 }
 
 impl From<&Image> for ImageSummary {
@@ -111,6 +118,16 @@ impl From<&Image> for ImageSummary {
                 .iter()
                 .filter_map(|m| Some(m.ebs()?.snapshot_id()?.to_string()))
                 .collect(),
+            description: image.description().map(str::to_string),
+            deprecation_time: image.deprecation_time().map(str::to_string),
+            encrypted: image
+                .block_device_mappings()
+                .iter()
+                .any(|m| m.ebs().and_then(|e| e.encrypted()).unwrap_or(false)),
+            state_reason: image
+                .state_reason()
+                .and_then(|r| r.message().or(r.code()))
+                .map(str::to_string),
         }
     }
 }

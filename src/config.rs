@@ -93,6 +93,13 @@ pub struct OperatorConfig {
     /// `PodRejected`.
     #[arg(long, env = "BAKER_POD_CREATE_ATTEMPTS", default_value_t = 3)]
     pub pod_create_attempts: u32,
+
+    /// Seconds between the operator's checks of a distributed image and its copies in EC2
+    /// (within the template's `distribution.maintainDays`): a copy deleted or a permission
+    /// removed by hand is put back at the next check. Each check reads two or three EC2 calls per
+    /// region.
+    #[arg(long, env = "BAKER_DISTRIBUTION_CHECK_SECONDS", default_value_t = 3600)]
+    pub distribution_check_seconds: u64,
 }
 
 /// Whose objects a tenant-facing feature may act on.
@@ -141,6 +148,7 @@ impl Default for OperatorConfig {
             retention_max_removals: 5,
             catalog_max_images: 2000,
             pod_create_attempts: 3,
+            distribution_check_seconds: 3600,
         }
     }
 }

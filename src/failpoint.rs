@@ -9,6 +9,8 @@ use std::sync::OnceLock;
 pub const LAUNCH_RECORDED: &str = "launch-recorded";
 /// The bake pod has ended; the Bake's final status is not written yet.
 pub const BEFORE_FINAL_STATUS: &str = "before-final-status";
+/// EC2 accepted a copy of the image into another region; the copy is not tagged yet.
+pub const COPY_REQUESTED: &str = "copy-requested";
 
 /// Every Bake watch event reaches the cache this much later (pod events do not): the reconciler
 /// sees Bakes older than its own writes.

@@ -24,6 +24,7 @@ pub fn template(builder: Builder) -> BakeTemplateSpec {
         ec2_endpoint: None,
         packer_image: None,
         pod: None,
+        distribution: None,
     }
 }
 

@@ -10,6 +10,7 @@ pub mod bake;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod distribution;
 #[cfg(test)]
 pub(crate) mod ec2_fake;
 pub mod error;

@@ -25,6 +25,7 @@ use serde::{Deserialize, Serialize};
     printcolumn(name = "Virt", type_ = "string", json_path = ".spec.virtualizationType"),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "AMI", type_ = "string", json_path = ".status.amiId"),
+    printcolumn(name = "Regions", type_ = "string", json_path = ".status.distribution.regions"),
     printcolumn(name = "Reason", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].reason"),
     printcolumn(name = "Message", type_ = "string", json_path = ".status.message", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
@@ -179,15 +180,79 @@ pub struct BakeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
 
+    /// Where the image is, one entry per region (the build region first), when the template
+    /// distributes it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub artifacts: Vec<Artifact>,
+
+    /// How far distribution has come, when the template distributes the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distribution: Option<DistributionStatus>,
+
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
 
-    /// `Ready` (True once the AMI exists), `Reconciling` (True while work is under way) and
-    /// `Stalled` (True when the bake failed and will not make progress by itself), per kstatus.
+    /// `Ready` (True once the AMI exists and, when the template distributes it, is available in
+    /// every region it names), `Reconciling` (True while work is under way), `Stalled` (True when
+    /// the bake failed, or a region cannot be served, and will not make progress by itself), per
+    /// kstatus; and `Distributed` when the template distributes the image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::api::conditions::conditions_schema")]
     pub conditions: Vec<Condition>,
+}
+
+/// The image in one region.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Artifact {
+    /// The region.
+    pub region: String,
+    /// The image in that region: the AMI itself in the build region, a copy elsewhere.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_id: Option<String>,
+    /// `Available` (usable, tagged, shared and deprecated as the template asks), `Copying` or
+    /// `Failed` (`message` says why; the operator tries again at its next check).
+    pub state: ArtifactState,
+    /// Whether EC2 reports the image's snapshots encrypted.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
+    /// The KMS key the copy was asked to be encrypted with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms_key_id: Option<String>,
+    /// Accounts, organizations and organizational units that may launch it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shared_with: Vec<String>,
+    /// When EC2 marks it deprecated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deprecation_time: Option<String>,
+    /// Why it is not `Available`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where a region's image is.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash, schemars::JsonSchema, Default)]
+pub enum ArtifactState {
+    #[default]
+    Copying,
+    Available,
+    Failed,
+}
+
+/// The distribution a Bake's artifacts fulfil.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct DistributionStatus {
+    /// Regions available out of those the template asks for, e.g. `3/3`.
+    pub regions: String,
+    /// A hash of the template's distribution these artifacts were made for: when the template
+    /// changes, the operator distributes again.
+    pub key: String,
+    /// When the operator last checked the image and its copies in EC2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked_at: Option<Time>,
 }
 
 /// An image a Bake reused rather than baked.

@@ -7,6 +7,8 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 pub const READY: &str = "Ready";
 pub const RECONCILING: &str = "Reconciling";
 pub const STALLED: &str = "Stalled";
+/// Whether the image is everywhere its template says (only for templates that distribute it).
+pub const DISTRIBUTED: &str = "Distributed";
 
 /// Schema for a `conditions` list: a list-map keyed by `type`, so server-side apply merges
 /// conditions by type instead of replacing the list.

@@ -12,7 +12,10 @@ pub mod template;
 
 pub use bake::{Bake, BakePhase, BakeSpec, BakeStatus, VirtualizationType};
 pub use catalog::{AmiCatalog, AmiCatalogSpec, AmiCatalogStatus};
-pub use template::{BakeTemplate, BakeTemplateSpec, Builder, Communicator, ImageFilter, SourceImage};
+pub use template::{
+    BakeTemplate, BakeTemplateSpec, Builder, Communicator, Distribution, ImageFilter, LaunchPermissions,
+    RegionCopy, SourceImage,
+};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -37,6 +40,11 @@ pub mod keys {
     pub const VIRTUALIZATION_TYPE: &str = "baker.io/virtualization-type";
     /// The image the AMI was baked from (lineage).
     pub const SOURCE_AMI: &str = "baker.io/source-ami";
+    /// On a copy of an image in another region: the image it was copied from.
+    pub const COPY_OF: &str = "baker.io/copy-of";
+    /// On an image: the regions Baker copies it to, comma separated, written before each copy
+    /// so that retention and a restarted operator know where to look.
+    pub const COPIED_TO: &str = "baker.io/copied-to";
     /// Pod label naming the Bake that owns it.
     pub const BAKE_NAME_LABEL: &str = "baker.io/bake";
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";

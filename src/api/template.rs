@@ -36,6 +36,9 @@ pub const DEFAULT_AMI_NAME: &str = "{service}-{version}-{virtualizationType}-{ti
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.communicator) || self.communicator != 'none' || !has(self.provisioners) || size(self.provisioners) == 0"
 ).message("provisioners need a communicator: with communicator 'none' the template must not have provisioners"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.distribution) || !has(self.distribution.regions) || self.distribution.regions.all(r, r.name != self.region)"
+).message("distribution.regions lists the regions to copy to: the build region is not one of them"))]
 #[serde(rename_all = "camelCase")]
 pub struct BakeTemplateSpec {
     /// Packer builder: `amazon-ebs` launches an instance from the source image and provisions it
@@ -129,6 +132,114 @@ pub struct BakeTemplateSpec {
     /// the image, so it is not part of the bake key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod: Option<BakePodSettings>,
+
+    /// Where the AMI goes after it is baked: copies in other regions, launch permissions for
+    /// other accounts and organizations, and a deprecation date. The operator does this itself
+    /// after packer has finished and keeps it true: a region or account added here later reaches
+    /// the images this template baked recently, without baking them again, and a copy removed or
+    /// unshared by hand is put back at the next check. Distribution is not part of the bake key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distribution: Option<Distribution>,
+}
+
+/// The most regions one template copies to: `baker.io/copied-to` on the image lists them in one
+/// tag value, which EC2 limits to 256 characters.
+pub const MAX_DISTRIBUTION_REGIONS: usize = 15;
+
+/// How an image is distributed after its bake.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.regions) || self.regions.all(r, self.regions.exists_one(o, o.name == r.name))"
+).message("each region may be listed once"))]
+#[serde(rename_all = "camelCase")]
+pub struct Distribution {
+    /// Regions the AMI is copied to, besides the region it is built in. Each copy carries the
+    /// image's tags (Baker's `baker.io/*` tags and the template's), the same launch permissions
+    /// and the same deprecation date. Removing a region here does not delete the copies already
+    /// made there.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 15))]
+    pub regions: Vec<RegionCopy>,
+
+    /// Who besides this account may launch the image and its copies. Baker adds these
+    /// permissions and never removes one: taking an account out of this list does not unshare
+    /// images already shared with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub launch_permissions: Option<LaunchPermissions>,
+
+    /// Days after the image was made at which EC2 marks it and its copies deprecated (it still
+    /// launches, but no longer shows in searches for the newest image).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub deprecate_after_days: Option<i32>,
+
+    /// Days after its bake that an image is kept distributed: within them, a changed
+    /// distribution reaches the image and a copy or permission removed by hand is put back at
+    /// the operator's periodic check. Older images are left as they are. Default 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 3650))]
+    pub maintain_days: Option<i32>,
+}
+
+/// One region to copy the image to.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RegionCopy {
+    /// The region, e.g. `eu-central-1`. It must be enabled for the account.
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^[a-z]{2}(-[a-z]+)+-[0-9]+$')").message("region must look like an AWS region, e.g. eu-west-1"))]
+    #[schemars(length(min = 1, max = 32))]
+    pub name: String,
+
+    /// KMS key for an encrypted copy: a key id, key ARN, alias name (`alias/...`) or alias ARN
+    /// in the copy's region. The operator needs `kms:CreateGrant`, `kms:Decrypt`,
+    /// `kms:DescribeKey`, `kms:GenerateDataKey*` and `kms:ReEncrypt*` on it. A key changed here
+    /// applies to copies made from then on. Unset: the copy is encrypted as its image is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^(arn:aws[a-z-]*:kms:[a-z0-9-]+:[0-9]{12}:(key|alias)/[A-Za-z0-9/_-]+|alias/[A-Za-z0-9/_-]+|[0-9a-fA-F-]{36}|mrk-[0-9a-f]{32})$')").message("kmsKeyId must be a KMS key id, key ARN, alias/<name> or alias ARN"))]
+    #[schemars(length(min = 1, max = 2048))]
+    pub kms_key_id: Option<String>,
+}
+
+/// Accounts, organizations and organizational units that may launch the image.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct LaunchPermissions {
+    /// AWS account ids (12 digits).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 100), inner(regex(pattern = r"^[0-9]{12}$")))]
+    pub accounts: Vec<String>,
+
+    /// Organization ARNs, e.g. `arn:aws:organizations::123456789012:organization/o-abc1234567`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 10),
+        inner(regex(pattern = r"^arn:aws[a-z-]*:organizations::[0-9]{12}:organization/o-[a-z0-9]{10,32}$"))
+    )]
+    pub organizations: Vec<String>,
+
+    /// Organizational unit ARNs, e.g.
+    /// `arn:aws:organizations::123456789012:ou/o-abc1234567/ou-ab12-cdef3456`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(
+        length(max = 50),
+        inner(regex(
+            pattern = r"^arn:aws[a-z-]*:organizations::[0-9]{12}:ou/o-[a-z0-9]{10,32}/ou-[a-z0-9]{4,32}-[a-z0-9]{8,32}$"
+        ))
+    )]
+    pub organizational_units: Vec<String>,
+
+    /// Also give the accounts permission to create volumes from the image's snapshots, which
+    /// they need to copy the image into their own account. Organizations and organizational
+    /// units get that with the image itself.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub share_snapshots: bool,
+}
+
+impl Distribution {
+    /// How long after its bake an image is kept distributed.
+    pub fn maintain_days(&self) -> i32 {
+        self.maintain_days.unwrap_or(30)
+    }
 }
 
 /// Placement and resources of bake pods, as in a pod spec.

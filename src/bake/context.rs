@@ -43,6 +43,8 @@ pub struct Context {
     /// Bakes (by UID) last seen unfinished: only their end frees a slot. A finished Bake listed
     /// again at a relist wakes nothing, so a relist costs one pass over the cache, not one per Bake.
     pub(super) unfinished: Mutex<HashSet<String>>,
+    /// One lock per image being distributed, so two Bakes of one image never copy it at once.
+    pub(super) distributing: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// Bakes to reconcile now, for wake-ups the watch cannot deliver (a deleted Bake's slot).
     wake: futures::channel::mpsc::UnboundedSender<ObjectRef<Bake>>,
     pub(super) woken: Mutex<Option<futures::channel::mpsc::UnboundedReceiver<ObjectRef<Bake>>>>,
@@ -76,6 +78,7 @@ impl Context {
             created: Mutex::new(HashMap::new()),
             rejections: Mutex::new(HashMap::new()),
             unfinished: Mutex::new(HashSet::new()),
+            distributing: Mutex::new(HashMap::new()),
             wake,
             woken: Mutex::new(Some(woken)),
             health,

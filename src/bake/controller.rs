@@ -131,8 +131,8 @@ async fn apply(bake: &Bake, ctx: &Context) -> Result<Action> {
         {
             stop_unstarted_pod(ctx, &pod).await?;
         }
-        tracing::debug!("finished and up to date");
-        return Ok(Action::await_change());
+        // Its image may still need to reach (or be kept in) the template's regions.
+        return super::distribute::maintain(&b, ctx).await;
     }
     // Our own final status is not in the cache yet: a decision from this copy would undo it.
     if locked(&ctx.expectations).finished_unseen(&b.uid) {
@@ -882,9 +882,19 @@ async fn finish(b: &BakeRef<'_>, ctx: &Context, t: Transition, pod_uid: Option<S
 async fn write_if_changed(
     b: &BakeRef<'_>,
     ctx: &Context,
-    next: BakeStatus,
+    mut next: BakeStatus,
     t: &Transition,
 ) -> Result<Action> {
+    // An image its template distributes is Ready once it is everywhere the template says.
+    if t.reason.phase() == crate::api::BakePhase::Succeeded
+        && next.distribution.is_none()
+        && let Some(d) = ctx
+            .stores
+            .template(&b.bake.spec.template)
+            .and_then(|t| t.spec.distribution.clone())
+    {
+        next = crate::distribution::pending(next, d.regions.len(), b.bake.metadata.generation, &now());
+    }
     let previous = b.status();
     if previous != Some(&next) {
         ctx.write_status(b, &next).await?;
@@ -964,15 +974,21 @@ pub fn run(ctx: Arc<Context>, caches: &Caches) -> impl Future<Output = ()> + use
                 .map(|b| ObjectRef::from_obj(&*b))
                 .collect::<Vec<_>>()
         })
-        // A Bake waiting for its template starts as soon as the template appears.
+        // A Bake waiting for its template starts as soon as the template appears; a changed
+        // distribution reaches the template's images at once.
         .watches_shared_stream(
             caches.templates.subscribe(),
             move |template: Arc<BakeTemplate>| {
                 let name = template.name_any();
+                let key = template.spec.distribution.as_ref().map(crate::distribution::key);
                 store
                     .state()
                     .into_iter()
-                    .filter(|b| b.spec.template == name && !b.phase().is_some_and(|p| p.is_terminal()))
+                    .filter(|b| {
+                        b.spec.template == name
+                            && (!b.phase().is_some_and(|p| p.is_terminal())
+                                || crate::distribution::template_changed(b, key.as_deref()))
+                    })
                     .map(|b| ObjectRef::from_obj(&*b))
                     .collect::<Vec<_>>()
             },

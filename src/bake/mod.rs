@@ -4,6 +4,7 @@
 pub mod cleanup;
 pub mod context;
 pub mod controller;
+mod distribute;
 pub mod error;
 pub mod key;
 pub mod launch;

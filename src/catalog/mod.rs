@@ -294,6 +294,7 @@ mod tests {
                 (keys::SOURCE_AMI.to_string(), "ami-base".to_string()),
             ]),
             snapshot_ids: vec![format!("snap-{id}")],
+            ..Default::default()
         }
     }
 

@@ -296,7 +296,8 @@ kubectl_rig() { "$bin/kubectl" --kubeconfig "$state/kubeconfig" "$@"; }
 start_moto() {
 	"$venv/bin/python" "$here/seed_ec2.py" write-amis "$state/moto-amis.json"
 	alive moto && return
-	MOTO_AMIS_PATH=$state/moto-amis.json launch moto "$venv/bin/moto_server" -H 127.0.0.1 -p "$MOTO_PORT"
+	# moto_server.py is moto_server plus AMI deprecation (which moto lacks); it is the server process.
+	MOTO_AMIS_PATH=$state/moto-amis.json launch moto "$venv/bin/python" "$here/moto_server.py" -H 127.0.0.1 -p "$MOTO_PORT"
 }
 
 start_etcd() {

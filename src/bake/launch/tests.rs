@@ -55,6 +55,7 @@ fn image(id: &str, key: &str, namespace: &str) -> ImageSummary {
             (keys::BAKE_UID.to_string(), "uid-maker".to_string()),
         ]),
         snapshot_ids: vec![],
+        ..Default::default()
     }
 }
 

@@ -1,0 +1,66 @@
+#!/usr/bin/env python3
+"""moto_server, plus AMI deprecation, for the rig's fake EC2.
+
+moto (5.2.5) has no EnableImageDeprecation or DisableImageDeprecation, and DescribeImages never
+reports a DeprecationTime, so Baker's image deprecation cannot run against the rig. This adds:
+  EnableImageDeprecation (ImageId, DeprecateAt)  stores the time on the image, answers true
+  DisableImageDeprecation (ImageId)              clears it, answers true
+  DescribeImages                                 DeprecationTime (2027-01-01T00:00:00.000Z) on
+                                                 images that have one
+An unknown image gets InvalidAMIID.NotFound (a deregistered one InvalidAMIID.Unavailable), as
+moto's own EnableImage does. The time is kept as given: EC2's rounding to the minute, and
+deprecated images being hidden from other accounts, are not emulated. Nothing else changes.
+
+moto 5 serializes responses from the botocore model: a member of the Image shape is read from
+the Ami object's attribute of the snake_case name (DeprecationTime -> deprecation_time), and
+members that are None are left out. So the deprecation time is that attribute, None by default.
+
+Run with the rig's moto virtualenv python, with moto_server's arguments; the process is the
+server itself (no child), e.g.
+  python moto_server.py -H 127.0.0.1 -p 5000
+"""
+
+import sys
+
+from moto.core.responses import ActionResult
+from moto.ec2.exceptions import InvalidAMIIdError, MissingParameterError, UnvailableAMIIdError
+from moto.ec2.models.amis import Ami
+from moto.ec2.responses.amis import AmisResponse
+from moto.ec2.utils import format_timestamp
+from moto.server import main
+
+Ami.deprecation_time = None  # str, as DescribeImages shows it
+
+
+def _image(response):
+    ami_id = response._get_param("ImageId")
+    backend = response.ec2_backend
+    if ami_id in backend.deleted_amis:
+        raise UnvailableAMIIdError(ami_id)
+    if ami_id not in backend.amis:
+        raise InvalidAMIIdError(ami_id)
+    return backend.amis[ami_id]
+
+
+def enable_image_deprecation(self):
+    deprecate_at = self._get_param("DeprecateAt")  # parsed from the model: naive UTC datetime
+    if deprecate_at is None:
+        raise MissingParameterError("DeprecateAt")
+    image = _image(self)
+    self.error_on_dryrun()
+    image.deprecation_time = format_timestamp(deprecate_at)
+    return ActionResult({"Return": True})
+
+
+def disable_image_deprecation(self):
+    image = _image(self)
+    self.error_on_dryrun()
+    image.deprecation_time = None
+    return ActionResult({"Return": True})
+
+
+AmisResponse.enable_image_deprecation = enable_image_deprecation
+AmisResponse.disable_image_deprecation = disable_image_deprecation
+
+if __name__ == "__main__":
+    sys.exit(main())
