@@ -9,6 +9,11 @@
 //! with EC2's XML, and logs each request. Only what Baker calls is served; any other action, and
 //! any filter the fake does not know, is answered with EC2's error for it, so a test notices
 //! instead of passing on an ignored filter.
+//!
+//! Images live per region, as in EC2. `CopyImage` reads its source from the source region and
+//! makes an `available` copy at once, with a new snapshot per source snapshot and no tags: like
+//! the rig's moto, it ignores `TagSpecification`s (each request is recorded, see
+//! [`FakeEc2::copy_requests`], so a test can still check what was asked).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -97,6 +102,64 @@ pub(crate) struct FakeImage {
     pub tags: BTreeMap<String, String>,
     /// Snapshots of its EBS block devices, one device each.
     pub snapshot_ids: Vec<String>,
+    pub description: Option<String>,
+    /// As DescribeImages gives it (`2027-01-01T00:00:00.000Z`); `None` when not deprecated.
+    pub deprecation_time: Option<String>,
+    /// Who besides the owner may launch it.
+    pub launch_permissions: BTreeSet<FakeGrant>,
+    /// Whether its snapshots are encrypted, and with which key (a copy made with `Encrypted`).
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+}
+
+/// A launch permission, as `LaunchPermission` names it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub(crate) enum FakeGrant {
+    UserId(String),
+    OrganizationArn(String),
+    OrganizationalUnitArn(String),
+}
+
+impl FakeGrant {
+    pub(crate) fn value(&self) -> &str {
+        match self {
+            FakeGrant::UserId(v) | FakeGrant::OrganizationArn(v) | FakeGrant::OrganizationalUnitArn(v) => v,
+        }
+    }
+
+    fn xml(&self) -> String {
+        match self {
+            FakeGrant::UserId(v) => el("userId", v),
+            FakeGrant::OrganizationArn(v) => el("organizationArn", v),
+            FakeGrant::OrganizationalUnitArn(v) => el("organizationalUnitArn", v),
+        }
+    }
+}
+
+/// A snapshot's tags and create-volume permissions.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub(crate) struct FakeSnapshot {
+    pub tags: BTreeMap<String, String>,
+    /// Accounts that may create volumes from it.
+    pub create_volume_permissions: BTreeSet<String>,
+}
+
+/// A CopyImage request as the fake read it, whatever the answer.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct FakeCopy {
+    /// The region the copy was asked in (its target).
+    pub region: String,
+    pub source_image_id: String,
+    pub source_region: String,
+    pub name: String,
+    pub description: Option<String>,
+    pub encrypted: bool,
+    pub kms_key_id: Option<String>,
+    pub client_token: Option<String>,
+    /// Each `TagSpecification`: its resource type and tags (read, not applied).
+    pub tag_specifications: Vec<(String, BTreeMap<String, String>)>,
+    /// The copy EC2 answered with, `None` when it refused.
+    pub image_id: Option<String>,
 }
 
 impl FakeImage {
@@ -112,7 +175,17 @@ impl FakeImage {
             owner_alias: None,
             tags: BTreeMap::new(),
             snapshot_ids: Vec::new(),
+            description: None,
+            deprecation_time: None,
+            launch_permissions: BTreeSet::new(),
+            encrypted: false,
+            kms_key_id: None,
         }
+    }
+
+    pub(crate) fn description(mut self, description: &str) -> Self {
+        self.description = Some(description.to_string());
+        self
     }
 
     pub(crate) fn tag(mut self, key: &str, value: &str) -> Self {
@@ -228,12 +301,25 @@ pub(crate) struct FakeKeyPair {
 #[derive(Debug, Default)]
 struct RegionState {
     images: Vec<FakeImage>,
-    snapshots: BTreeSet<String>,
+    snapshots: BTreeMap<String, FakeSnapshot>,
     instances: Vec<FakeInstance>,
     launch_templates: Vec<FakeLaunchTemplate>,
     volumes: Vec<FakeVolume>,
     security_groups: Vec<FakeSecurityGroup>,
     key_pairs: Vec<FakeKeyPair>,
+    /// CopyImage's idempotency: each client token, what it asked and the copy it made.
+    copy_tokens: BTreeMap<String, (CopyAsked, String)>,
+}
+
+/// What a CopyImage asked, for its client token: the same token asking otherwise is refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct CopyAsked {
+    source_image_id: String,
+    source_region: String,
+    name: String,
+    description: Option<String>,
+    encrypted: bool,
+    kms_key_id: Option<String>,
 }
 
 #[derive(Debug)]
@@ -248,8 +334,13 @@ struct State {
     regions: BTreeMap<String, RegionState>,
     calls: Vec<FakeCall>,
     failures: HashMap<String, Injected>,
+    /// Regions where every request fails this way.
+    region_failures: HashMap<String, Failure>,
+    copies: Vec<FakeCopy>,
     page_size: Option<usize>,
     requests: u64,
+    /// Ids made so far (copies and their snapshots).
+    made: u64,
 }
 
 /// An in-memory EC2 for every region at once. See the module docs.
@@ -309,7 +400,9 @@ impl FakeEc2 {
     /// Registers an image and its snapshots.
     pub(crate) fn add_image(&self, region: &str, image: FakeImage) {
         self.with_region(region, |r| {
-            r.snapshots.extend(image.snapshot_ids.iter().cloned());
+            for snapshot in &image.snapshot_ids {
+                r.snapshots.entry(snapshot.clone()).or_default();
+            }
             r.images.push(image);
         });
     }
@@ -360,7 +453,32 @@ impl FakeEc2 {
     }
 
     pub(crate) fn snapshots(&self, region: &str) -> BTreeSet<String> {
-        self.with_region(region, |r| r.snapshots.clone())
+        self.with_region(region, |r| r.snapshots.keys().cloned().collect())
+    }
+
+    pub(crate) fn image(&self, region: &str, id: &str) -> Option<FakeImage> {
+        self.with_region(region, |r| r.images.iter().find(|i| i.id == id).cloned())
+    }
+
+    pub(crate) fn snapshot(&self, region: &str, id: &str) -> Option<FakeSnapshot> {
+        self.with_region(region, |r| r.snapshots.get(id).cloned())
+    }
+
+    /// Every CopyImage request that reached a region's EC2, in order.
+    pub(crate) fn copy_requests(&self) -> Vec<FakeCopy> {
+        self.lock().copies.clone()
+    }
+
+    /// Takes a launch permission (an account, organization or OU) off an image, as a person
+    /// would in the console; `true` if it had it. Not a request: the call log does not show it.
+    pub(crate) fn remove_launch_permission(&self, region: &str, image_id: &str, who: &str) -> bool {
+        self.with_region(region, |r| {
+            r.images.iter_mut().find(|i| i.id == image_id).is_some_and(|i| {
+                let before = i.launch_permissions.len();
+                i.launch_permissions.retain(|g| g.value() != who);
+                i.launch_permissions.len() < before
+            })
+        })
     }
 
     pub(crate) fn instances(&self, region: &str) -> Vec<FakeInstance> {
@@ -411,8 +529,18 @@ impl FakeEc2 {
         );
     }
 
+    /// Every request in `region`, of any action, fails this way until [`Self::clear_failures`]:
+    /// EC2 answers `OptInRequired` (401) in a region the account has not enabled.
+    pub(crate) fn fail_region(&self, region: &str, failure: impl Into<Failure>) {
+        self.lock()
+            .region_failures
+            .insert(region.to_string(), failure.into());
+    }
+
     pub(crate) fn clear_failures(&self) {
-        self.lock().failures.clear();
+        let mut state = self.lock();
+        state.failures.clear();
+        state.region_failures.clear();
     }
 
     pub(crate) fn calls(&self) -> Vec<FakeCall> {
@@ -422,6 +550,15 @@ impl FakeEc2 {
     /// Requests of `action` in any region.
     pub(crate) fn count(&self, action: &str) -> usize {
         self.lock().calls.iter().filter(|c| c.action == action).count()
+    }
+
+    /// Requests per action, in any region.
+    pub(crate) fn counts(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for call in &self.lock().calls {
+            *counts.entry(call.action.clone()).or_insert(0) += 1;
+        }
+        counts
     }
 
     pub(crate) fn count_in(&self, region: &str, action: &str) -> usize {
@@ -458,7 +595,9 @@ impl FakeEc2 {
             region: region.clone(),
             action: action.clone(),
         });
+        let region_failure = state.region_failures.get(&region).cloned();
         let injected = match state.failures.get_mut(&action) {
+            _ if region_failure.is_some() => region_failure,
             Some(Injected {
                 remaining: None,
                 failure,
@@ -477,6 +616,8 @@ impl FakeEc2 {
                 return Err(ConnectorError::io("fake EC2: connection refused".into()));
             }
             Some(Failure::Error(e)) => Err(e),
+            // It reads one region and writes another.
+            None if action == "CopyImage" => copy_image(&mut state, &region, &params),
             None => {
                 let page_size = state.page_size;
                 let r = state.regions.entry(region).or_default();

@@ -24,6 +24,14 @@ pub fn bake_uses<B: std::ops::Deref<Target = Bake>>(bakes: &[B], except: Option<
             uses.entry(ami.clone())
                 .or_insert_with(|| format!("the amiId of Bake {who}"));
         }
+        for artifact in &status.artifacts {
+            if let Some(id) = &artifact.image_id
+                && status.ami_id.as_deref() != Some(id.as_str())
+            {
+                uses.entry(id.clone())
+                    .or_insert_with(|| format!("the copy in {} of Bake {who}'s image", artifact.region));
+            }
+        }
         if let Some(source) = &status.source_ami_id
             && !status.phase.is_some_and(|p| p.is_terminal())
         {
@@ -52,6 +60,60 @@ pub async fn in_use(ec2: &Ec2, region: &str, ids: &[String], bakes: Uses) -> Res
         }
     }
     Ok(uses)
+}
+
+/// Copies of an image in other regions: (region, copy).
+pub type Copies = Vec<(String, crate::aws::ImageSummary)>;
+
+/// The copies of `images` in every region their `baker.io/copied-to` tag names, and which images
+/// are used through a copy (the reason names the region). An image is kept while any copy is.
+pub async fn copies_in_use(
+    ec2: &Ec2,
+    images: &[crate::aws::ImageSummary],
+    bakes: &Uses,
+) -> Result<(Uses, std::collections::BTreeMap<String, Copies>), Ec2Error> {
+    let mut copies: std::collections::BTreeMap<String, Copies> = Default::default();
+    let mut by_region: std::collections::BTreeMap<String, Vec<(String, String)>> = Default::default();
+    for image in images {
+        for region in crate::distribution::copy_regions(image) {
+            for copy in ec2.copies_of(&region, &image.image_id).await? {
+                by_region
+                    .entry(region.clone())
+                    .or_default()
+                    .push((copy.image_id.clone(), image.image_id.clone()));
+                copies
+                    .entry(image.image_id.clone())
+                    .or_default()
+                    .push((region.clone(), copy));
+            }
+        }
+    }
+    let mut uses = Uses::new();
+    for (region, pairs) in by_region {
+        let ids: Vec<String> = pairs.iter().map(|(copy, _)| copy.clone()).collect();
+        let used = in_use(ec2, &region, &ids, bakes.clone()).await?;
+        for (copy, image) in pairs {
+            if let Some(reason) = used.get(&copy) {
+                uses.entry(image)
+                    .or_insert_with(|| format!("its copy {copy} in {region} is {reason}"));
+            }
+        }
+    }
+    Ok((uses, copies))
+}
+
+/// Removes an image's copies (and their snapshots), then the image: never an image without its
+/// copies gone first, so a failure halfway leaves the image, which names where its copies are.
+pub async fn remove_with_copies(
+    ec2: &Ec2,
+    region: &str,
+    image: &crate::aws::ImageSummary,
+    copies: &[(String, crate::aws::ImageSummary)],
+) -> Result<(), Ec2Error> {
+    for (copy_region, copy) in copies {
+        ec2.remove_image(copy_region, copy).await?;
+    }
+    ec2.remove_image(region, image).await
 }
 
 #[cfg(test)]

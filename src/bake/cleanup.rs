@@ -101,21 +101,40 @@ pub async fn cleanup(bake: &Bake, ctx: &Context) -> Result<Cleanup> {
     let swept = async {
         // The same rule as retention: an image another Bake (in any namespace), another image,
         // an instance or a launch template uses is kept.
+        // ... and its copies in other regions go with it, unless one of them is used there.
+        let mut copies = Vec::new();
         let kept = match &ami {
             Some(ami) => {
                 let bakes = ctx.stores.bakes.state();
                 let others = usage::bake_uses(&bakes, Some(&b.uid));
+                let image = ctx.ec2.image(&region, ami).await?;
+                let (copy_uses, mut found) = match &image {
+                    Some(image) => {
+                        usage::copies_in_use(&ctx.ec2, std::slice::from_ref(image), &others).await?
+                    }
+                    None => Default::default(),
+                };
+                copies = found.remove(ami).unwrap_or_default();
                 usage::in_use(&ctx.ec2, &region, std::slice::from_ref(ami), others)
                     .await?
                     .remove(ami)
+                    .or_else(|| copy_uses.get(ami).cloned())
                     .map(|reason| (ami.clone(), reason))
             }
             None => None,
         };
-        let report = ctx
-            .ec2
-            .sweep(&region, &b.uid, ami.is_some() && kept.is_none())
-            .await?;
+        let remove = ami.is_some() && kept.is_none();
+        if remove {
+            for (copy_region, copy) in &copies {
+                ctx.ec2.remove_image(copy_region, copy).await?;
+            }
+        }
+        let mut report = ctx.ec2.sweep(&region, &b.uid, remove).await?;
+        if remove {
+            report
+                .images
+                .extend(copies.iter().map(|(r, c)| format!("{} in {r}", c.image_id)));
+        }
         Ok::<_, crate::aws::Ec2Error>((report, kept))
     };
     match swept.await {

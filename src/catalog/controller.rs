@@ -192,11 +192,17 @@ async fn retain(
         .ok_or(Error::CacheNotReady("Bakes"))?
         .bakes
         .state();
-    let uses = match usage::in_use(&ctx.ec2, region, &ids, usage::bake_uses(&bakes, None)).await {
+    let bake_uses = usage::bake_uses(&bakes, None);
+    let uses = match usage::in_use(&ctx.ec2, region, &ids, bake_uses.clone()).await {
         Ok(uses) => uses,
         Err(e) => return Ok(Err(e)),
     };
-    let plan = retention::plan(past, &[&uses], ctx.max_removals);
+    // Copies in other regions count: an image goes with its copies, and stays while one is used.
+    let (copy_uses, copies) = match usage::copies_in_use(&ctx.ec2, &past, &bake_uses).await {
+        Ok(found) => found,
+        Err(e) => return Ok(Err(e)),
+    };
+    let plan = retention::plan(past, &[&uses, &copy_uses], ctx.max_removals);
     if policy.dry_run {
         return Ok(Ok((
             retention::next_status(previous, true, &plan.remove, plan.protected, plan.deferred),
@@ -205,7 +211,8 @@ async fn retain(
     }
     let mut removed = Vec::new();
     for image in &plan.remove {
-        if let Err(e) = ctx.ec2.remove_image(region, image).await {
+        let image_copies = copies.get(&image.image_id).map(Vec::as_slice).unwrap_or_default();
+        if let Err(e) = usage::remove_with_copies(&ctx.ec2, region, image, image_copies).await {
             warn!(image = %image.image_id, error = %e, "removing an image failed");
             return Ok(Err(e));
         }
@@ -215,13 +222,22 @@ async fn retain(
         } else {
             format!(" and deleted snapshot(s) {}", image.snapshot_ids.join(", "))
         };
+        let copied = if image_copies.is_empty() {
+            String::new()
+        } else {
+            let list: Vec<String> = image_copies
+                .iter()
+                .map(|(r, c)| format!("{} in {r}", c.image_id))
+                .collect();
+            format!(", with its copies {}", list.join(", "))
+        };
         publish(
             catalog,
             ctx,
             "ImageRemoved",
             format!("Deregister:{}", image.image_id),
             format!(
-                "retention deregistered {} ({}){snapshots}",
+                "retention deregistered {} ({}){snapshots}{copied}",
                 image.image_id,
                 image.name.as_deref().unwrap_or("unnamed")
             ),

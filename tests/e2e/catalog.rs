@@ -4,7 +4,7 @@
 //! other's images.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -12,101 +12,9 @@ use aws_sdk_ec2::types::{Filter, Tag};
 use baker::api::catalog::AmiCatalogStatus;
 use baker::api::{AmiCatalog, Bake, BakePhase, keys};
 use kube::ResourceExt;
-use tokio::net::TcpListener;
 
 use crate::support::bake::*;
 use crate::support::{TestNamespace, random_suffix, rig, try_wait_until, wait_for_object, wait_until};
-
-/// A TCP proxy on 127.0.0.1 in front of the rig's EC2 endpoint that counts the EC2 actions sent
-/// through it, and can be switched off (connections refused) and on again on the same port.
-struct CountingProxy {
-    addr: std::net::SocketAddr,
-    upstream: String,
-    counts: Arc<Mutex<HashMap<String, usize>>>,
-    task: Option<tokio::task::JoinHandle<()>>,
-}
-
-/// The actions named in a chunk of AWS query-protocol requests (`Action=DescribeImages&...`).
-fn actions(chunk: &[u8]) -> Vec<String> {
-    let text = String::from_utf8_lossy(chunk);
-    text.split("Action=")
-        .skip(1)
-        .filter_map(|rest| {
-            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
-            (!name.is_empty()).then_some(name)
-        })
-        .collect()
-}
-
-impl CountingProxy {
-    async fn start(upstream: &str) -> Result<CountingProxy> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
-        let mut proxy = CountingProxy {
-            addr: listener.local_addr()?,
-            upstream: host_port(upstream),
-            counts: Arc::default(),
-            task: None,
-        };
-        proxy.serve(listener);
-        Ok(proxy)
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.addr)
-    }
-
-    fn serve(&mut self, listener: TcpListener) {
-        let upstream = self.upstream.clone();
-        let counts = self.counts.clone();
-        self.task = Some(tokio::spawn(async move {
-            // Connections live in this set, so switching off also cuts kept-alive connections.
-            let mut connections = tokio::task::JoinSet::new();
-            while let Ok((client, _)) = listener.accept().await {
-                let counts = counts.clone();
-                connections.spawn(relay(client, upstream.clone(), move |chunk| {
-                    for action in actions(chunk) {
-                        let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
-                        *counts.entry(action).or_default() += 1;
-                    }
-                    Chunk::Pass
-                }));
-            }
-        }));
-    }
-
-    /// Stops listening and cuts open connections: EC2 is down.
-    fn switch_off(&mut self) {
-        if let Some(task) = self.task.take() {
-            task.abort();
-        }
-    }
-
-    /// Listens again on the same port.
-    async fn switch_on(&mut self) -> Result<()> {
-        let listener = try_wait_until(Duration::from_secs(10), "the proxy's port to be free", || async {
-            Ok(Some(TcpListener::bind(self.addr).await?))
-        })
-        .await?;
-        self.serve(listener);
-        Ok(())
-    }
-
-    fn count(&self, action: &str) -> usize {
-        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        counts.get(action).copied().unwrap_or_default()
-    }
-
-    fn total(&self) -> usize {
-        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        counts.values().sum()
-    }
-}
-
-impl Drop for CountingProxy {
-    fn drop(&mut self) {
-        self.switch_off();
-    }
-}
 
 /// Image ids of this account matching one filter, newest first by the operator's own rule
 /// (creation date, then id: moto's dates have one-second resolution).

@@ -20,6 +20,7 @@ mod bake;
 mod bake_lifecycle;
 mod catalog;
 mod chart;
+mod distribution;
 mod examples;
 mod packer_validate;
 mod requests;

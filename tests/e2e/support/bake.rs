@@ -2,7 +2,7 @@
 //! the test's namespace), BakeTemplates per test, and a delaying proxy in front of the rig's EC2
 //! endpoint to make a bake last long enough to act on it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::AtomicBool;
@@ -971,4 +971,123 @@ pub async fn wait_catalog(
 ) -> Result<AmiCatalog> {
     let timeout = Duration::from_secs(60);
     wait_for_object(api, name, timeout, what, |c| c.status.as_ref().is_some_and(&cond)).await
+}
+
+/// A TCP proxy on 127.0.0.1 in front of the rig's EC2 endpoint that counts the EC2 actions sent
+/// through it, and can be switched off (connections refused) and on again on the same port.
+pub struct CountingProxy {
+    addr: std::net::SocketAddr,
+    upstream: String,
+    pub counts: Arc<Mutex<HashMap<String, usize>>>,
+    /// Every request body sent through it, for tests that look at parameters.
+    sent: Arc<Mutex<Vec<u8>>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The actions named in a chunk of AWS query-protocol requests (`Action=DescribeImages&...`).
+fn actions(chunk: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(chunk);
+    text.split("Action=")
+        .skip(1)
+        .filter_map(|rest| {
+            let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric()).collect();
+            (!name.is_empty()).then_some(name)
+        })
+        .collect()
+}
+
+impl CountingProxy {
+    pub async fn start(upstream: &str) -> Result<CountingProxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let mut proxy = CountingProxy {
+            addr: listener.local_addr()?,
+            upstream: host_port(upstream),
+            counts: Arc::default(),
+            sent: Arc::default(),
+            task: None,
+        };
+        proxy.serve(listener);
+        Ok(proxy)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn serve(&mut self, listener: TcpListener) {
+        let upstream = self.upstream.clone();
+        let counts = self.counts.clone();
+        let sent = self.sent.clone();
+        self.task = Some(tokio::spawn(async move {
+            // Connections live in this set, so switching off also cuts kept-alive connections.
+            let mut connections = tokio::task::JoinSet::new();
+            while let Ok((client, _)) = listener.accept().await {
+                let counts = counts.clone();
+                let sent = sent.clone();
+                connections.spawn(relay(client, upstream.clone(), move |chunk| {
+                    sent.lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend_from_slice(chunk);
+                    for action in actions(chunk) {
+                        let mut counts = counts.lock().unwrap_or_else(|p| p.into_inner());
+                        *counts.entry(action).or_default() += 1;
+                    }
+                    Chunk::Pass
+                }));
+            }
+        }));
+    }
+
+    /// Stops listening and cuts open connections: EC2 is down.
+    pub fn switch_off(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Listens again on the same port.
+    pub async fn switch_on(&mut self) -> Result<()> {
+        let listener = try_wait_until(Duration::from_secs(10), "the proxy's port to be free", || async {
+            Ok(Some(TcpListener::bind(self.addr).await?))
+        })
+        .await?;
+        self.serve(listener);
+        Ok(())
+    }
+
+    pub fn count(&self, action: &str) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.get(action).copied().unwrap_or_default()
+    }
+
+    pub fn total(&self) -> usize {
+        let counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        counts.values().sum()
+    }
+}
+
+impl CountingProxy {
+    /// The `Action=...` requests sent through the proxy whose body holds `needle`, URL-decoded.
+    pub fn requests_with(&self, action: &str, needle: &str) -> Vec<String> {
+        let sent = self.sent.lock().unwrap_or_else(|p| p.into_inner());
+        let text = String::from_utf8_lossy(&sent);
+        text.split("Action=")
+            .skip(1)
+            .filter(|r| r.starts_with(action))
+            .map(|r| {
+                let body: String = r.chars().take_while(|c| !c.is_whitespace()).collect();
+                form_urlencoded::parse(format!("Action={body}").as_bytes())
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect::<Vec<_>>()
+                    .join("&")
+            })
+            .filter(|r| r.contains(needle))
+            .collect()
+    }
+}
+
+impl Drop for CountingProxy {
+    fn drop(&mut self) {
+        self.switch_off();
+    }
 }
