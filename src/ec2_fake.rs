@@ -715,6 +715,69 @@ impl Params {
         items.into_iter().map(|(_, v)| v).collect()
     }
 
+    /// A Query list of structures: `Prefix.1.Field`, `Prefix.2.Field`, ... in index order, each
+    /// as the parameters under its index (`Field`, `Sub.1.Key`, ...).
+    fn structs(&self, prefix: &str) -> Vec<Params> {
+        let mut by_index: BTreeMap<u32, Vec<(String, String)>> = BTreeMap::new();
+        for (k, v) in &self.0 {
+            let Some(rest) = k.strip_prefix(prefix).and_then(|r| r.strip_prefix('.')) else {
+                continue;
+            };
+            if let Some((n, field)) = rest.split_once('.')
+                && let Ok(n) = n.parse::<u32>()
+            {
+                by_index
+                    .entry(n)
+                    .or_default()
+                    .push((field.to_string(), v.clone()));
+            }
+        }
+        by_index.into_values().map(Params).collect()
+    }
+
+    /// Tags as `Tag.N.Key` / `Tag.N.Value` give them.
+    fn tags(&self, prefix: &str) -> Result<BTreeMap<String, String>, FakeError> {
+        let mut tags = BTreeMap::new();
+        for tag in self.structs(prefix) {
+            let key = tag.get("Key").ok_or_else(|| {
+                FakeError::bad_request("InvalidParameterValue", "Tag keys must not be empty".into())
+            })?;
+            let value = tag.get("Value").unwrap_or_default();
+            // EC2's limits on a tag.
+            if key.chars().count() > 128 || value.chars().count() > 256 {
+                return Err(FakeError::bad_request(
+                    "InvalidParameterValue",
+                    format!("Tag {key}: a key has at most 128 characters and a value at most 256"),
+                ));
+            }
+            tags.insert(key.to_string(), value.to_string());
+        }
+        Ok(tags)
+    }
+
+    /// Refuses a parameter the fake does not serve for `action` (besides `Action` and
+    /// `Version`): `allowed` names each, or a prefix ending in `.` for a list.
+    fn only(&self, action: &str, allowed: &[&str]) -> Result<(), FakeError> {
+        let served = |k: &str| {
+            k == "Action"
+                || k == "Version"
+                || allowed.iter().any(|a| {
+                    if a.ends_with('.') {
+                        k.starts_with(a)
+                    } else {
+                        k == *a
+                    }
+                })
+        };
+        match self.0.iter().find(|(k, _)| !served(k)) {
+            Some((k, _)) => Err(FakeError::bad_request(
+                "InvalidParameterValue",
+                format!("The fake EC2 does not serve the parameter {k} of {action}"),
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn filters(&self) -> Vec<Filter> {
         let mut indices: Vec<u32> = self
             .0
@@ -752,6 +815,12 @@ fn handle(
         "DeleteSecurityGroup" => delete_security_group(r, p),
         "DeleteKeyPair" => delete_key_pair(r, p),
         "DeleteVolume" => delete_volume(r, p),
+        "CreateTags" => create_tags(r, p),
+        "ModifyImageAttribute" => modify_image_attribute(r, p),
+        "DescribeImageAttribute" => describe_image_attribute(r, p),
+        "ModifySnapshotAttribute" => modify_snapshot_attribute(r, p),
+        "DescribeSnapshotAttribute" => describe_snapshot_attribute(r, p),
+        "EnableImageDeprecation" => enable_image_deprecation(r, p),
         _ => Err(FakeError::bad_request(
             "InvalidAction",
             format!("The action {action} is not valid for this web service."),
@@ -928,7 +997,17 @@ fn describe_images(r: &RegionState, p: &Params, page_size: Option<usize>) -> Res
     let images = found.into_iter().map(|i| {
         let devices = i.snapshot_ids.iter().enumerate().map(|(n, snapshot)| {
             let device = format!("/dev/xvd{}", char::from(b'a' + (n % 26) as u8));
-            el("deviceName", &device) + "<ebs>" + &el("snapshotId", snapshot) + "</ebs>"
+            let key = i
+                .kms_key_id
+                .as_deref()
+                .map(|k| el("kmsKeyId", k))
+                .unwrap_or_default();
+            el("deviceName", &device)
+                + "<ebs>"
+                + &el("snapshotId", snapshot)
+                + &el("encrypted", if i.encrypted { "true" } else { "false" })
+                + &key
+                + "</ebs>"
         });
         [
             el("imageId", &i.id),
@@ -948,6 +1027,14 @@ fn describe_images(r: &RegionState, p: &Params, page_size: Option<usize>) -> Res
             el("architecture", "x86_64"),
             el("imageType", "machine"),
             el("name", &i.name),
+            i.description
+                .as_deref()
+                .map(|d| el("description", d))
+                .unwrap_or_default(),
+            i.deprecation_time
+                .as_deref()
+                .map(|t| el("deprecationTime", t))
+                .unwrap_or_default(),
             el("rootDeviceType", "ebs"),
             el("rootDeviceName", "/dev/xvda"),
             items("blockDeviceMapping", devices),
@@ -1226,7 +1313,7 @@ fn deregister_image(r: &mut RegionState, p: &Params) -> Result<String, FakeError
 
 fn delete_snapshot(r: &mut RegionState, p: &Params) -> Result<String, FakeError> {
     let id = required(p, "SnapshotId")?;
-    if !r.snapshots.contains(id) {
+    if !r.snapshots.contains_key(id) {
         return Err(FakeError::bad_request(
             "InvalidSnapshot.NotFound",
             format!("The snapshot '{id}' does not exist."),
@@ -1314,6 +1401,325 @@ fn delete_volume(r: &mut RegionState, p: &Params) -> Result<String, FakeError> {
         ));
     }
     r.volumes.remove(at);
+    Ok(done())
+}
+
+fn image_not_found(id: &str) -> FakeError {
+    FakeError::bad_request(
+        "InvalidAMIID.NotFound",
+        format!("The image id '[{id}]' does not exist"),
+    )
+}
+
+fn snapshot_not_found(id: &str) -> FakeError {
+    FakeError::bad_request(
+        "InvalidSnapshot.NotFound",
+        format!("The snapshot '{id}' does not exist."),
+    )
+}
+
+fn image_mut<'r>(r: &'r mut RegionState, id: &str) -> Result<&'r mut FakeImage, FakeError> {
+    r.images
+        .iter_mut()
+        .find(|i| i.id == id)
+        .ok_or_else(|| image_not_found(id))
+}
+
+/// EC2's time format in answers, to the millisecond.
+fn ec2_time(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%S.000Z").to_string()
+}
+
+/// CopyImage, in the target region `region`: reads the source image in `SourceRegion`, makes an
+/// available copy with the same name, the given description and a new snapshot per source
+/// snapshot, and applies no tags (see the module docs). A client token already used answers its
+/// copy again (refused if it asked otherwise); a name taken in the region is refused, as EC2
+/// allows one image of a name per region.
+fn copy_image(state: &mut State, region: &str, p: &Params) -> Result<String, FakeError> {
+    p.only(
+        "CopyImage",
+        &[
+            "SourceImageId",
+            "SourceRegion",
+            "Name",
+            "Description",
+            "Encrypted",
+            "KmsKeyId",
+            "ClientToken",
+            "TagSpecification.",
+        ],
+    )?;
+    let source_image_id = required(p, "SourceImageId")?.to_string();
+    let source_region = required(p, "SourceRegion")?.to_string();
+    let name = required(p, "Name")?.to_string();
+    let mut tag_specifications = Vec::new();
+    for spec in p.structs("TagSpecification") {
+        let resource = spec.get("ResourceType").unwrap_or_default().to_string();
+        tag_specifications.push((resource, spec.tags("Tag")?));
+    }
+    let asked = CopyAsked {
+        source_image_id,
+        source_region,
+        name,
+        description: p.get("Description").map(str::to_string),
+        encrypted: p.get("Encrypted") == Some("true"),
+        kms_key_id: p.get("KmsKeyId").map(str::to_string),
+    };
+    let client_token = p.get("ClientToken").map(str::to_string);
+    let made = make_copy(state, region, &asked, client_token.as_deref());
+    state.copies.push(FakeCopy {
+        region: region.to_string(),
+        source_image_id: asked.source_image_id,
+        source_region: asked.source_region,
+        name: asked.name,
+        description: asked.description,
+        encrypted: asked.encrypted,
+        kms_key_id: asked.kms_key_id,
+        client_token,
+        tag_specifications,
+        image_id: made.as_ref().ok().cloned(),
+    });
+    made.map(|id| el("imageId", &id))
+}
+
+fn make_copy(
+    state: &mut State,
+    region: &str,
+    asked: &CopyAsked,
+    client_token: Option<&str>,
+) -> Result<String, FakeError> {
+    if let Some(token) = client_token
+        && let Some((before, id)) = state.regions.get(region).and_then(|r| r.copy_tokens.get(token))
+    {
+        return if before == asked {
+            Ok(id.clone())
+        } else {
+            Err(FakeError::bad_request(
+                "IdempotentParameterMismatch",
+                format!("The client token {token} was used before with other parameters"),
+            ))
+        };
+    }
+    // EC2: "If you specify a KMS key, you must also set the encrypted state to true."
+    if asked.kms_key_id.is_some() && !asked.encrypted {
+        return Err(FakeError::bad_request(
+            "InvalidParameterCombination",
+            "KmsKeyId requires Encrypted to be true".into(),
+        ));
+    }
+    let source = state
+        .regions
+        .get(&asked.source_region)
+        .and_then(|r| r.images.iter().find(|i| i.id == asked.source_image_id))
+        .cloned()
+        .ok_or_else(|| image_not_found(&asked.source_image_id))?;
+    let target = state.regions.entry(region.to_string()).or_default();
+    if let Some(taken) = target.images.iter().find(|i| i.name == asked.name) {
+        return Err(FakeError::bad_request(
+            "InvalidAMIName.Duplicate",
+            format!("AMI name {} is already in use by AMI {}", asked.name, taken.id),
+        ));
+    }
+    state.made += 1;
+    let id = format!("ami-c{:016x}", state.made);
+    let snapshot_ids: Vec<String> = source
+        .snapshot_ids
+        .iter()
+        .enumerate()
+        .map(|(n, _)| format!("snap-c{:012x}{n:04x}", state.made))
+        .collect();
+    let copy = FakeImage {
+        id: id.clone(),
+        creation_date: ec2_time(jiff::Timestamp::now()),
+        description: asked.description.clone(),
+        snapshot_ids,
+        encrypted: asked.encrypted || source.encrypted,
+        kms_key_id: asked.kms_key_id.clone(),
+        ..FakeImage::new("", &asked.name, "")
+    }
+    .virtualization(&source.virtualization_type);
+    for snapshot in &copy.snapshot_ids {
+        target.snapshots.entry(snapshot.clone()).or_default();
+    }
+    target.images.push(copy);
+    if let Some(token) = client_token {
+        target
+            .copy_tokens
+            .insert(token.to_string(), (asked.clone(), id.clone()));
+    }
+    Ok(id)
+}
+
+/// CreateTags on images and snapshots: every resource must exist, or nothing is tagged.
+fn create_tags(r: &mut RegionState, p: &Params) -> Result<String, FakeError> {
+    p.only("CreateTags", &["ResourceId.", "Tag."])?;
+    let ids = p.list("ResourceId");
+    if ids.is_empty() {
+        required(p, "ResourceId.1")?;
+    }
+    let tags = p.tags("Tag")?;
+    for id in &ids {
+        if id.starts_with("ami-") {
+            if !r.images.iter().any(|i| &i.id == id) {
+                return Err(image_not_found(id));
+            }
+        } else if id.starts_with("snap-") {
+            if !r.snapshots.contains_key(id) {
+                return Err(snapshot_not_found(id));
+            }
+        } else {
+            return Err(FakeError::bad_request(
+                "InvalidParameterValue",
+                format!("The fake EC2 tags only images and snapshots, not {id}"),
+            ));
+        }
+    }
+    for id in &ids {
+        let target = match r.images.iter_mut().find(|i| &i.id == id) {
+            Some(image) => &mut image.tags,
+            None => match r.snapshots.get_mut(id) {
+                Some(snapshot) => &mut snapshot.tags,
+                None => continue,
+            },
+        };
+        target.extend(tags.iter().map(|(k, v)| (k.clone(), v.clone())));
+    }
+    Ok(done())
+}
+
+/// One `LaunchPermission.Add.N` / `.Remove.N`.
+fn grant(p: &Params) -> Result<FakeGrant, FakeError> {
+    match (
+        p.get("UserId"),
+        p.get("OrganizationArn"),
+        p.get("OrganizationalUnitArn"),
+    ) {
+        (Some(user), None, None) => {
+            if user.len() != 12 || !user.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(FakeError::bad_request(
+                    "InvalidAMIAttributeItemValue",
+                    format!("Invalid attribute item value \"{user}\" for userId item type."),
+                ));
+            }
+            Ok(FakeGrant::UserId(user.to_string()))
+        }
+        (None, Some(org), None) => Ok(FakeGrant::OrganizationArn(org.to_string())),
+        (None, None, Some(unit)) => Ok(FakeGrant::OrganizationalUnitArn(unit.to_string())),
+        _ => Err(FakeError::bad_request(
+            "InvalidParameterValue",
+            "The fake EC2 serves a launch permission of exactly one UserId, OrganizationArn or OrganizationalUnitArn (no Group)".into(),
+        )),
+    }
+}
+
+/// ModifyImageAttribute, launch permissions only (`LaunchPermission.Add.N` and `.Remove.N`);
+/// any permission EC2 refuses leaves the image as it was.
+fn modify_image_attribute(r: &mut RegionState, p: &Params) -> Result<String, FakeError> {
+    p.only(
+        "ModifyImageAttribute",
+        &["ImageId", "LaunchPermission.Add.", "LaunchPermission.Remove."],
+    )?;
+    let id = required(p, "ImageId")?;
+    let add = p
+        .structs("LaunchPermission.Add")
+        .iter()
+        .map(grant)
+        .collect::<Result<Vec<_>, _>>()?;
+    let remove = p
+        .structs("LaunchPermission.Remove")
+        .iter()
+        .map(grant)
+        .collect::<Result<Vec<_>, _>>()?;
+    let image = image_mut(r, id)?;
+    image.launch_permissions.extend(add);
+    image.launch_permissions.retain(|g| !remove.contains(g));
+    Ok(done())
+}
+
+fn describe_image_attribute(r: &mut RegionState, p: &Params) -> Result<String, FakeError> {
+    p.only("DescribeImageAttribute", &["ImageId", "Attribute"])?;
+    let id = required(p, "ImageId")?;
+    let attribute = required(p, "Attribute")?;
+    if attribute != "launchPermission" {
+        return Err(FakeError::bad_request(
+            "InvalidParameterValue",
+            format!("The fake EC2 describes only the launchPermission attribute, not {attribute}"),
+        ));
+    }
+    let image = image_mut(r, id)?;
+    let permissions = image.launch_permissions.iter().map(FakeGrant::xml);
+    Ok(el("imageId", id) + &items("launchPermission", permissions))
+}
+
+fn create_volume_attribute<'p>(p: &'p Params, action: &str) -> Result<&'p str, FakeError> {
+    let attribute = required(p, "Attribute")?;
+    if attribute != "createVolumePermission" {
+        return Err(FakeError::bad_request(
+            "InvalidParameterValue",
+            format!(
+                "The fake EC2 serves only the createVolumePermission attribute in {action}, not {attribute}"
+            ),
+        ));
+    }
+    required(p, "SnapshotId")
+}
+
+/// ModifySnapshotAttribute, create-volume permissions of accounts (`OperationType`, `UserId.N`).
+fn modify_snapshot_attribute(r: &mut RegionState, p: &Params) -> Result<String, FakeError> {
+    p.only(
+        "ModifySnapshotAttribute",
+        &["SnapshotId", "Attribute", "OperationType", "UserId."],
+    )?;
+    let id = create_volume_attribute(p, "ModifySnapshotAttribute")?;
+    let users = p.list("UserId");
+    let snapshot = r.snapshots.get_mut(id).ok_or_else(|| snapshot_not_found(id))?;
+    match required(p, "OperationType")? {
+        "add" => snapshot.create_volume_permissions.extend(users),
+        "remove" => snapshot.create_volume_permissions.retain(|u| !users.contains(u)),
+        other => {
+            return Err(FakeError::bad_request(
+                "InvalidParameterValue",
+                format!("Value ({other}) for parameter operationType is invalid."),
+            ));
+        }
+    }
+    Ok(done())
+}
+
+fn describe_snapshot_attribute(r: &mut RegionState, p: &Params) -> Result<String, FakeError> {
+    p.only("DescribeSnapshotAttribute", &["SnapshotId", "Attribute"])?;
+    let id = create_volume_attribute(p, "DescribeSnapshotAttribute")?;
+    let snapshot = r.snapshots.get(id).ok_or_else(|| snapshot_not_found(id))?;
+    let users = snapshot.create_volume_permissions.iter().map(|u| el("userId", u));
+    Ok(el("snapshotId", id) + &items("createVolumePermission", users))
+}
+
+/// EnableImageDeprecation: EC2 rounds the time to the nearest minute, and refuses one in the
+/// past or more than ten years ahead (documented; the error code is the fake's guess).
+fn enable_image_deprecation(r: &mut RegionState, p: &Params) -> Result<String, FakeError> {
+    p.only("EnableImageDeprecation", &["ImageId", "DeprecateAt"])?;
+    let id = required(p, "ImageId")?;
+    let text = required(p, "DeprecateAt")?;
+    let at: jiff::Timestamp = text.parse().map_err(|_| {
+        FakeError::bad_request(
+            "InvalidParameterValue",
+            format!("Value ({text}) for parameter deprecateAt is invalid."),
+        )
+    })?;
+    let seconds = (at.as_second() + 30).div_euclid(60) * 60;
+    let at = jiff::Timestamp::from_second(seconds)
+        .map_err(|e| FakeError::bad_request("InvalidParameterValue", format!("deprecateAt {text}: {e}")))?;
+    let now = jiff::Timestamp::now();
+    let latest = now
+        .saturating_add(jiff::SignedDuration::from_hours(10 * 8766))
+        .unwrap_or(now);
+    if at < now || at > latest {
+        return Err(FakeError::bad_request(
+            "InvalidParameterValue",
+            format!("The deprecation time {text} must be in the future and at most 10 years from now."),
+        ));
+    }
+    image_mut(r, id)?.deprecation_time = Some(ec2_time(at));
     Ok(done())
 }
 
@@ -1936,5 +2342,271 @@ mod tests {
         assert!(!glob("a?c", "ac"));
         assert!(!glob("base-*", "other-base-1"));
         assert!(glob("*-*-z", "a-b-c-z"));
+    }
+
+    /// The fields of a distributed image's summary CopyImage needs: its id, name, description.
+    fn summary(id: &str, name: &str) -> crate::aws::ImageSummary {
+        crate::aws::ImageSummary {
+            image_id: id.to_string(),
+            name: Some(name.to_string()),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn copy_image_makes_an_untagged_available_copy_in_the_target_region_and_a_repeated_token_answers_it_again()
+     {
+        let fake = FakeEc2::new();
+        fake.add_image(
+            REGION,
+            FakeImage::new("ami-src", "svc-1", &day(1))
+                .tag("team", "payments")
+                .snapshot("snap-src"),
+        );
+        let ec2 = fake.ec2();
+        let tags = BTreeMap::from([("team".to_string(), "payments".to_string())]);
+        let request = crate::distribution::ec2::CopyRequest {
+            tags: &tags,
+            description: "svc [baker: copy of ami-src]",
+            client_token: "token-1",
+            kms_key_id: Some("alias/copies"),
+        };
+
+        let id = ec2
+            .copy_image("us-east-1", REGION, &summary("ami-src", "svc-1"), &request)
+            .await
+            .expect("copied");
+        let again = ec2
+            .copy_image("us-east-1", REGION, &summary("ami-src", "svc-1"), &request)
+            .await
+            .expect("the same token answers the same copy");
+
+        assert_eq!(again, id);
+        let copies = fake.images("us-east-1");
+        assert_eq!(copies.len(), 1, "{copies:?}");
+        let copy = &copies[0];
+        assert_eq!((copy.name.as_str(), copy.state.as_str()), ("svc-1", "available"));
+        assert_eq!(copy.description.as_deref(), Some("svc [baker: copy of ami-src]"));
+        assert!(
+            copy.tags.is_empty(),
+            "TagSpecifications are not applied: {:?}",
+            copy.tags
+        );
+        assert!(copy.encrypted);
+        assert_eq!(copy.snapshot_ids.len(), 1);
+        assert_ne!(copy.snapshot_ids[0], "snap-src");
+        assert!(fake.snapshots("us-east-1").contains(&copy.snapshot_ids[0]));
+        let asked = fake.copy_requests();
+        assert_eq!(asked.len(), 2);
+        assert_eq!(asked[0].kms_key_id.as_deref(), Some("alias/copies"));
+        assert!(asked[0].encrypted);
+        assert_eq!(asked[0].source_region, REGION);
+        let resources: Vec<&str> = asked[0]
+            .tag_specifications
+            .iter()
+            .map(|(r, t)| {
+                assert_eq!(t, &tags);
+                r.as_str()
+            })
+            .collect();
+        assert_eq!(resources, ["image", "snapshot"]);
+
+        // Read back as Baker reads it.
+        let seen = ec2
+            .image("us-east-1", &id)
+            .await
+            .expect("described")
+            .expect("listed");
+        assert_eq!(seen.description.as_deref(), Some("svc [baker: copy of ami-src]"));
+        assert!(seen.encrypted);
+        assert_eq!(ec2.image("us-east-1", "ami-none").await, Ok(None));
+    }
+
+    #[tokio::test]
+    async fn copy_image_refuses_a_name_another_image_holds_in_the_region_and_an_unknown_source() {
+        let fake = FakeEc2::new();
+        fake.add_image(REGION, FakeImage::new("ami-src", "svc-1", &day(1)));
+        fake.add_image("us-east-1", FakeImage::new("ami-other", "svc-1", &day(2)));
+        let ec2 = fake.ec2();
+        let tags = BTreeMap::new();
+        let request = crate::distribution::ec2::CopyRequest {
+            tags: &tags,
+            description: "d",
+            client_token: "t",
+            kms_key_id: None,
+        };
+
+        let taken = ec2
+            .copy_image("us-east-1", REGION, &summary("ami-src", "svc-1"), &request)
+            .await
+            .expect_err("the name is taken");
+        let unknown = ec2
+            .copy_image("us-west-2", REGION, &summary("ami-gone", "svc-1"), &request)
+            .await
+            .expect_err("no such source");
+
+        assert_eq!(taken.code, "InvalidAMIName.Duplicate");
+        assert_eq!(unknown.code, "InvalidAMIID.NotFound");
+        assert_eq!(fake.images("us-east-1").len(), 1);
+        assert!(fake.copy_requests().iter().all(|c| c.image_id.is_none()));
+    }
+
+    #[tokio::test]
+    async fn tags_shares_and_deprecation_reach_images_and_snapshots_and_read_back() {
+        use crate::distribution::Grantee;
+        let fake = FakeEc2::new();
+        fake.add_image(REGION, FakeImage::new("ami-1", "a", &day(1)).snapshot("snap-1"));
+        let ec2 = fake.ec2();
+        let org = "arn:aws:organizations::123456789012:organization/o-abc1234567";
+        let grantees = [
+            Grantee::Account("111111111111".into()),
+            Grantee::Organization(org.into()),
+        ];
+        let at: jiff::Timestamp = "2036-01-01T00:00:20Z".parse().expect("a time");
+
+        ec2.tag(
+            REGION,
+            &["ami-1".to_string(), "snap-1".to_string()],
+            &BTreeMap::from([("k".to_string(), "v".to_string())]),
+        )
+        .await
+        .expect("tagged");
+        ec2.share(REGION, "ami-1", &grantees).await.expect("shared");
+        ec2.share_snapshot(REGION, "snap-1", &["111111111111".to_string()])
+            .await
+            .expect("snapshot shared");
+        ec2.deprecate(REGION, "ami-1", at).await.expect("deprecated");
+
+        let image = fake.image(REGION, "ami-1").expect("the image");
+        assert_eq!(image.tags.get("k").map(String::as_str), Some("v"));
+        assert_eq!(
+            fake.snapshot(REGION, "snap-1").map(|s| s.tags),
+            Some(BTreeMap::from([("k".to_string(), "v".to_string())]))
+        );
+        // Rounded to the minute, as EC2 does.
+        assert_eq!(
+            image.deprecation_time.as_deref(),
+            Some("2036-01-01T00:00:00.000Z")
+        );
+        assert_eq!(
+            ec2.launch_grantees(REGION, "ami-1").await.expect("read"),
+            BTreeSet::from(grantees.clone())
+        );
+        assert_eq!(
+            ec2.snapshot_accounts(REGION, "snap-1").await.expect("read"),
+            BTreeSet::from(["111111111111".to_string()])
+        );
+        let seen = ec2.image(REGION, "ami-1").await.expect("read").expect("listed");
+        assert_eq!(seen.deprecation_time.as_deref(), Some("2036-01-01T00:00:00.000Z"));
+
+        assert!(fake.remove_launch_permission(REGION, "ami-1", org));
+        assert_eq!(
+            ec2.launch_grantees(REGION, "ami-1").await.expect("read"),
+            BTreeSet::from([grantees[0].clone()])
+        );
+    }
+
+    #[tokio::test]
+    async fn an_account_id_that_is_not_twelve_digits_is_refused_and_nothing_is_shared() {
+        use crate::distribution::Grantee;
+        let fake = FakeEc2::new();
+        fake.add_image(REGION, FakeImage::new("ami-1", "a", &day(1)));
+        let grantees = [
+            Grantee::Account("111111111111".into()),
+            Grantee::Account("12345".into()),
+        ];
+
+        let err = fake
+            .ec2()
+            .share(REGION, "ami-1", &grantees)
+            .await
+            .expect_err("refused");
+
+        assert_eq!(err.code, "InvalidAMIAttributeItemValue");
+        assert!(err.message.contains("\"12345\""), "{}", err.message);
+        assert!(
+            fake.image(REGION, "ami-1")
+                .expect("the image")
+                .launch_permissions
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn a_deprecation_time_in_the_past_is_refused_as_ec2_documents() {
+        let fake = FakeEc2::new();
+        fake.add_image(REGION, FakeImage::new("ami-1", "a", &day(1)));
+        let past: jiff::Timestamp = "2020-01-01T00:00:00Z".parse().expect("a time");
+
+        let err = fake
+            .ec2()
+            .deprecate(REGION, "ami-1", past)
+            .await
+            .expect_err("in the past");
+
+        assert_eq!(err.code, "InvalidParameterValue");
+        assert_eq!(
+            fake.image(REGION, "ami-1").expect("the image").deprecation_time,
+            None
+        );
+    }
+
+    #[tokio::test]
+    async fn a_region_made_to_fail_refuses_every_action_there_and_only_there() {
+        let fake = FakeEc2::new();
+        fake.add_image(REGION, FakeImage::new("ami-1", "a", &day(1)));
+        fake.add_image("us-east-1", FakeImage::new("ami-2", "a", &day(1)));
+        fake.fail_region(
+            "us-east-1",
+            FakeError::new("OptInRequired", "You are not subscribed to this service.", 401),
+        );
+        let ec2 = fake.ec2();
+
+        let described = ec2.images_named("us-east-1", "a").await.expect_err("refused");
+        let tagged = ec2
+            .tag(
+                "us-east-1",
+                &["ami-2".to_string()],
+                &BTreeMap::from([("k".to_string(), "v".to_string())]),
+            )
+            .await
+            .expect_err("refused");
+
+        assert_eq!(
+            (described.code.as_str(), tagged.code.as_str()),
+            ("OptInRequired", "OptInRequired")
+        );
+        // A 401 is not retried.
+        assert_eq!(fake.count_in("us-east-1", "DescribeImages"), 1);
+        assert_eq!(ec2.images_named(REGION, "a").await.expect("served").len(), 1);
+        fake.clear_failures();
+        assert_eq!(ec2.images_named("us-east-1", "a").await.expect("served").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn images_named_and_copies_of_find_a_regions_images_by_name_and_copy_tag() {
+        let fake = FakeEc2::new();
+        fake.add_image(
+            REGION,
+            FakeImage::new("ami-copy", "svc-1", &day(2)).tag(crate::api::keys::COPY_OF, "ami-src"),
+        );
+        fake.add_image(REGION, FakeImage::new("ami-other", "svc-2", &day(3)));
+        fake.add_image(
+            REGION,
+            FakeImage::new("ami-theirs", "svc-1", &day(2)).owner("210987654321", None),
+        );
+        let ec2 = fake.ec2();
+
+        let named = ec2.images_named(REGION, "svc-1").await.expect("named");
+        let copies = ec2.copies_of(REGION, "ami-src").await.expect("copies");
+
+        assert_eq!(
+            named.iter().map(|i| i.image_id.as_str()).collect::<Vec<_>>(),
+            ["ami-copy"]
+        );
+        assert_eq!(
+            copies.iter().map(|i| i.image_id.as_str()).collect::<Vec<_>>(),
+            ["ami-copy"]
+        );
     }
 }

@@ -20,6 +20,8 @@ use crate::ec2_fake::FakeEc2;
 use crate::error::ReconcileError;
 use crate::mock_api::{self, Answer, ApiLog, Recorded};
 
+mod distribution;
+
 const NS: &str = "team";
 const UID: &str = "0b9a4c1e-uid";
 const BAKES: &str = "/apis/baker.io/v1alpha1/namespaces/team/bakes";
@@ -81,9 +83,20 @@ fn rig(
     pods: Vec<Pod>,
     respond: impl Fn(&Recorded) -> Option<Answer> + Send + Sync + 'static,
 ) -> Rig {
-    let caches = Caches::filled(bakes, pods, vec![template()], vec![]);
+    rig_with(template(), FakeEc2::new(), bakes, pods, respond)
+}
+
+/// A rig whose caches hold `template`, on the EC2 given (which a test may carry from one rig to
+/// the next, as the same EC2 outlives a template change).
+fn rig_with(
+    template: BakeTemplate,
+    ec2: Arc<FakeEc2>,
+    bakes: Vec<Bake>,
+    pods: Vec<Pod>,
+    respond: impl Fn(&Recorded) -> Option<Answer> + Send + Sync + 'static,
+) -> Rig {
+    let caches = Caches::filled(bakes, pods, vec![template], vec![]);
     let (client, api) = mock_api::client(move |r| respond(r).or_else(|| bake_written(r)));
-    let ec2 = FakeEc2::new();
     let ctx = Context::new(
         client,
         ec2.ec2(),
