@@ -2354,7 +2354,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn copy_image_makes_an_untagged_available_copy_in_the_target_region_and_a_repeated_token_answers_it_again()
+    async fn copy_image_makes_an_untagged_available_copy_in_the_target_region_and_refuses_a_second_of_the_same_name()
      {
         let fake = FakeEc2::new();
         fake.add_image(
@@ -2368,7 +2368,6 @@ mod tests {
         let request = crate::distribution::ec2::CopyRequest {
             tags: &tags,
             description: "svc [baker: copy of ami-src]",
-            client_token: "token-1",
             kms_key_id: Some("alias/copies"),
         };
 
@@ -2379,9 +2378,10 @@ mod tests {
         let again = ec2
             .copy_image("us-east-1", REGION, &summary("ami-src", "svc-1"), &request)
             .await
-            .expect("the same token answers the same copy");
+            .expect_err("a second copy of the same name is refused");
 
-        assert_eq!(again, id);
+        assert_eq!(again.code, "InvalidAMIName.Duplicate");
+        assert!(!id.is_empty());
         let copies = fake.images("us-east-1");
         assert_eq!(copies.len(), 1, "{copies:?}");
         let copy = &copies[0];
@@ -2432,7 +2432,6 @@ mod tests {
         let request = crate::distribution::ec2::CopyRequest {
             tags: &tags,
             description: "d",
-            client_token: "t",
             kms_key_id: None,
         };
 

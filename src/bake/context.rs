@@ -143,16 +143,22 @@ impl Context {
         reason: &str,
         note: impl AsRef<str>,
     ) {
+        self.publish_as(b, type_, reason, "Reconcile", note).await;
+    }
+
+    /// An Event with its own action: the recorder folds Events of equal reason and action into
+    /// one series that keeps the first note, so Events about different things (regions) need
+    /// different actions.
+    pub(super) async fn publish_as(
+        &self,
+        b: &BakeRef<'_>,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: impl AsRef<str>,
+    ) {
         let regarding = b.bake.object_ref(&());
-        crate::k8s::publish(
-            &self.recorder,
-            &regarding,
-            type_,
-            reason,
-            "Reconcile",
-            note.as_ref(),
-        )
-        .await;
+        crate::k8s::publish(&self.recorder, &regarding, type_, reason, action, note.as_ref()).await;
     }
 
     /// Writes the Bake's status (the UID is a precondition: a Bake deleted and recreated under

@@ -47,15 +47,16 @@ pub(super) async fn maintain(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
     // Two Bakes with one image (one reused the other's) never copy it at the same time.
     let lock = image_lock(ctx, &ami);
     let _held = lock.lock().await;
-    let next = distribute(b, ctx, status, &d, &key, &ami, &region).await?;
-    let action = match dist::next_check(&next, &key, d.maintain_days(), interval, jiff::Timestamp::now()) {
-        Check::After(wait) => Action::requeue(wait),
-        Check::Now => Action::requeue(dist::COPYING_RECHECK),
-        Check::Never => Action::await_change(),
-    };
+    let next = distribute(b, ctx, status, &d, &key, &ami, &region).await;
     drop(_held);
     release_image_lock(ctx, &ami, lock);
-    Ok(action)
+    Ok(
+        match dist::next_check(&next?, &key, d.maintain_days(), interval, jiff::Timestamp::now()) {
+            Check::After(wait) => Action::requeue(wait),
+            Check::Now => Action::requeue(dist::COPYING_RECHECK),
+            Check::Never => Action::await_change(),
+        },
+    )
 }
 
 fn image_lock(ctx: &Context, ami: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -175,7 +176,8 @@ async fn announce(
             ),
             _ => continue,
         };
-        ctx.publish(b, note.0, note.1, note.2).await;
+        ctx.publish_as(b, note.0, note.1, &format!("Distribute/{}", a.region), note.2)
+            .await;
     }
     // A region that was complete under this same distribution needed work: someone changed it.
     let same = previous.distribution.as_ref().map(|d| d.key.as_str()) == Some(key);
@@ -188,10 +190,11 @@ async fn announce(
             continue;
         }
         let what: Vec<String> = done.iter().map(describe).collect();
-        ctx.publish(
+        ctx.publish_as(
             b,
             EventType::Warning,
             "Repaired",
+            &format!("Distribute/{region}"),
             format!("{region}: {} (changed outside Baker)", what.join("; ")),
         )
         .await;
@@ -329,11 +332,9 @@ async fn act(
         Step::Copy { kms_key_id } => {
             let tags = dist::copy_tags(image);
             let description = dist::copy_description(image);
-            let token = dist::client_token(&image.image_id, region);
             let request = dist::ec2::CopyRequest {
                 tags: &tags,
                 description: &description,
-                client_token: &token,
                 kms_key_id: kms_key_id.as_deref(),
             };
             let id = ctx.ec2.copy_image(region, source_region, image, &request).await?;

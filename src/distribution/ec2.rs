@@ -87,8 +87,8 @@ impl Ec2 {
     }
 
     /// Copies `source` (in `source_region`) into `region` under the same name, tagged at creation
-    /// where EC2 supports it, with an idempotency token so that a retried request makes no second
-    /// copy. Returns the copy's id.
+    /// where EC2 supports it. The SDK gives the request an idempotency token and keeps it across
+    /// its retries, so a retried request makes no second copy. Returns the copy's id.
     pub async fn copy_image(
         &self,
         region: &str,
@@ -108,7 +108,6 @@ impl Ec2 {
             .source_region(source_region)
             .set_name(source.name.clone())
             .description(request.description)
-            .client_token(request.client_token)
             .tag_specifications(
                 TagSpecification::builder()
                     .resource_type(ResourceType::Image)
@@ -223,6 +222,5 @@ impl Ec2 {
 pub struct CopyRequest<'a> {
     pub tags: &'a BTreeMap<String, String>,
     pub description: &'a str,
-    pub client_token: &'a str,
     pub kms_key_id: Option<&'a str>,
 }

@@ -167,13 +167,6 @@ pub fn copy_description(image: &ImageSummary) -> String {
     }
 }
 
-/// The idempotency token of the copy of `image_id` to `region`: a retried CopyImage returns the
-/// same copy instead of making another.
-pub fn client_token(image_id: &str, region: &str) -> String {
-    let digest = Sha256::digest(format!("baker-copy/{image_id}/{region}").as_bytes());
-    digest.iter().take(16).map(|b| format!("{b:02x}")).collect()
-}
-
 /// What holds an image's name in a region.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Found {
@@ -380,6 +373,21 @@ pub fn plan_region(
     }
     match (desired.deprecate_at, image.deprecation_time.as_deref()) {
         (Some(at), Some(have)) if same_minute(at, have) => {}
+        // The date has passed (an old image, a region added late): EC2 refuses a time in the
+        // past, so one that is not in the future stands, and otherwise the next minute does.
+        (Some(at), have) if at <= now => {
+            let passed = have
+                .and_then(|h| h.parse::<jiff::Timestamp>().ok())
+                .filter(|h| *h <= now + jiff::SignedDuration::from_secs(60));
+            match passed {
+                Some(h) => artifact.deprecation_time = Some(format_time(h)),
+                None => {
+                    let next = jiff::Timestamp::from_second((now.as_second() / 60 + 2) * 60).unwrap_or(now);
+                    artifact.deprecation_time = Some(format_time(next));
+                    steps.push(Step::Deprecate(next));
+                }
+            }
+        }
         (Some(at), _) => steps.push(Step::Deprecate(at)),
         (None, have) => artifact.deprecation_time = have.map(str::to_string),
     }
@@ -394,6 +402,9 @@ pub fn plan_region(
 /// A step EC2 refused: the region's artifact fails with why (the other regions go on).
 pub fn failed(mut artifact: Artifact, error: &crate::aws::Ec2Error) -> Artifact {
     artifact.state = ArtifactState::Failed;
+    // What the step would have given, EC2 does not have.
+    artifact.shared_with.clear();
+    artifact.deprecation_time = None;
     artifact.message = Some(truncate(&error.to_string(), MAX_REGION_MESSAGE));
     artifact
 }

@@ -448,3 +448,44 @@ fn checks_come_at_once_for_a_new_distribution_soon_while_copying_and_rarely_when
     };
     assert_eq!(next_check(&failed, "k", 30, hour, at(1_000)), Check::Never);
 }
+
+#[test]
+fn a_deprecation_date_already_past_is_set_to_the_next_minute_once_and_then_stands() {
+    let mut d = desired_now();
+    d.deprecate_at = Some(
+        "2026-11-01T00:00:00Z"
+            .parse()
+            .unwrap_or(jiff::Timestamp::UNIX_EPOCH),
+    );
+    let plan = plan_region(
+        &d,
+        "us-east-1",
+        &BTreeMap::new(),
+        None,
+        &seen(image(), &[], &[]),
+        now(),
+    );
+    let at = plan.steps.iter().find_map(|s| match s {
+        Step::Deprecate(at) => Some(*at),
+        _ => None,
+    });
+    assert!(at.is_some_and(|at| at > now()), "{:?}", plan.steps);
+    let mut deprecated = image();
+    deprecated.deprecation_time = Some("2026-12-02T00:01:00.000Z".into());
+    let later = "2026-12-03T00:00:00Z"
+        .parse()
+        .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+    let plan = plan_region(
+        &d,
+        "us-east-1",
+        &BTreeMap::new(),
+        None,
+        &seen(deprecated, &[], &[]),
+        later,
+    );
+    assert!(!plan.steps.iter().any(|s| matches!(s, Step::Deprecate(_))));
+    assert_eq!(
+        plan.artifact.deprecation_time.as_deref(),
+        Some("2026-12-02T00:01:00Z")
+    );
+}
