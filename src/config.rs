@@ -100,6 +100,11 @@ pub struct OperatorConfig {
     /// region.
     #[arg(long, env = "BAKER_DISTRIBUTION_CHECK_SECONDS", default_value_t = 3600)]
     pub distribution_check_seconds: u64,
+
+    /// The fewest seconds between two Bakes of one BakeSchedule, whatever its
+    /// `minIntervalSeconds` says: a tenant's schedule cannot make Bakes faster than this.
+    #[arg(long, env = "BAKER_SCHEDULE_MIN_INTERVAL_SECONDS", default_value_t = 60)]
+    pub schedule_min_interval_seconds: i64,
 }
 
 /// Whose objects a tenant-facing feature may act on.
@@ -149,6 +154,7 @@ impl Default for OperatorConfig {
             catalog_max_images: 2000,
             pod_create_attempts: 3,
             distribution_check_seconds: 3600,
+            schedule_min_interval_seconds: 60,
         }
     }
 }

@@ -25,5 +25,6 @@ pub mod metrics;
 pub(crate) mod mock_api;
 pub mod operator;
 pub mod packer;
+pub mod schedule;
 pub mod seed;
 pub mod usage;

@@ -237,14 +237,21 @@ pub async fn run(
     }
 }
 
-/// Both controllers in one process, on the process's shared caches (already running, or about
+/// The controllers in one process, on the process's shared caches (already running, or about
 /// to); each stops on the shutdown signal.
 async fn run_controllers(
     bakes: Arc<Context>,
     catalogs: Arc<crate::catalog::controller::Context>,
     caches: &Caches,
 ) {
+    let schedules = Arc::new(crate::schedule::controller::Context::new(
+        bakes.client.clone(),
+        bakes.health.metrics.clone(),
+        caches.stores(),
+        bakes.config.schedule_min_interval_seconds,
+    ));
+    let schedule_controller = crate::schedule::controller::run(schedules, caches);
     let bake_controller = controller::run(bakes, caches);
     let catalog_controller = crate::catalog::controller::run(catalogs, caches);
-    tokio::join!(bake_controller, catalog_controller);
+    tokio::join!(bake_controller, catalog_controller, schedule_controller);
 }

@@ -413,7 +413,7 @@ pub async fn restart(bench: &Bench, sizes: &Sizes, figures: &mut Vec<Figure>) ->
         .filter(|((verb, _), _)| verb == "list")
         .map(|((_, resource), n)| (resource.clone(), *n))
         .collect();
-    let watched = ["bakes", "pods", "baketemplates", "amicatalogs"];
+    let watched = ["bakes", "pods", "baketemplates", "amicatalogs", "bakeschedules"];
     let once = watched.iter().all(|k| lists.get(*k) == Some(&1)) && lists.len() == watched.len();
     let shown = lists
         .iter()
@@ -427,7 +427,7 @@ pub async fn restart(bench: &Bench, sizes: &Sizes, figures: &mut Vec<Figure>) ->
                 "requests",
                 if shown.is_empty() { "none".into() } else { shown },
             )
-            .goal("1 per watched kind (4)", once)
+            .goal("1 per watched kind (5)", once)
             .asserted(sizes.small)
             .details(json!(lists)),
     );

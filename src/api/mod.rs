@@ -8,6 +8,7 @@ pub mod catalog;
 pub mod conditions;
 #[cfg(test)]
 mod drift_tests;
+pub mod schedule;
 pub mod template;
 
 pub use bake::{Bake, BakePhase, BakeSpec, BakeStatus, VirtualizationType};
@@ -53,7 +54,12 @@ pub mod keys {
 
 /// Every CRD Baker installs, in a stable order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![BakeTemplate::crd(), Bake::crd(), AmiCatalog::crd()]
+    vec![
+        BakeTemplate::crd(),
+        Bake::crd(),
+        AmiCatalog::crd(),
+        schedule::BakeSchedule::crd(),
+    ]
 }
 
 /// The CRDs as one multi-document YAML stream.

@@ -109,11 +109,24 @@ async fn distribute(
     }
     let copy_tags = dist::copy_tags(&image);
     let no_tags = BTreeMap::new();
-    let build = serve_region(ctx, &desired, &image, region, &no_tags, None);
-    let copies = desired
-        .copies
-        .iter()
-        .map(|(r, kms)| serve_region(ctx, &desired, &image, r, &copy_tags, kms.as_deref()));
+    let was_available = |r: &str| {
+        status
+            .artifacts
+            .iter()
+            .any(|a| a.region == r && a.state == ArtifactState::Available)
+    };
+    let build = serve_region(ctx, &desired, &image, region, &no_tags, None, true);
+    let copies = desired.copies.iter().map(|(r, kms)| {
+        serve_region(
+            ctx,
+            &desired,
+            &image,
+            r,
+            &copy_tags,
+            kms.as_deref(),
+            was_available(r),
+        )
+    });
     let mut served = vec![build.await];
     served.extend(join_all(copies).await);
     let (artifacts, done): (Vec<Artifact>, Vec<(String, Vec<Step>)>) = served
@@ -228,6 +241,7 @@ async fn serve_region(
     region: &str,
     tags: &BTreeMap<String, String>,
     kms_key_id: Option<&str>,
+    was_available: bool,
 ) -> (Artifact, Vec<Step>) {
     let found = match observe(ctx, desired, image, region).await {
         Ok(found) => found,
@@ -246,7 +260,8 @@ async fn serve_region(
             return (artifact, Vec::new());
         }
     };
-    let plan = dist::plan_region(desired, region, tags, kms_key_id, &found, jiff::Timestamp::now());
+    let mut plan = dist::plan_region(desired, region, tags, kms_key_id, &found, jiff::Timestamp::now());
+    dist::tag_snapshots_once(&mut plan, tags, was_available);
     let mut artifact = plan.artifact;
     let mut target = artifact.image_id.clone();
     let snapshots = match &found {

@@ -18,6 +18,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
+use crate::api::schedule::BakeSchedule;
 use crate::api::{AmiCatalog, Bake, BakeTemplate, keys};
 use crate::http::Health;
 
@@ -272,11 +273,12 @@ pub struct Caches {
     pub pods: Shared<Pod>,
     pub templates: Shared<BakeTemplate>,
     pub catalogs: Shared<AmiCatalog>,
+    pub schedules: Shared<BakeSchedule>,
     gate: SyncGate,
 }
 
 /// How many caches [`Caches::run`] fills.
-const CACHES: usize = 4;
+const CACHES: usize = 5;
 
 impl Default for Caches {
     fn default() -> Self {
@@ -291,6 +293,7 @@ impl Caches {
             pods: Shared::default(),
             templates: Shared::default(),
             catalogs: Shared::default(),
+            schedules: Shared::default(),
             gate: SyncGate::new(CACHES),
         }
     }
@@ -305,8 +308,8 @@ impl Caches {
         }
     }
 
-    /// Runs every watch until dropped. Bakes, pods and AmiCatalogs are watched in `namespace` (or
-    /// everywhere); BakeTemplates are cluster-scoped. Marks `health` synced once every cache is.
+    /// Runs every watch until dropped. Bakes, pods, AmiCatalogs and BakeSchedules are watched in
+    /// `namespace` (or everywhere); BakeTemplates are cluster-scoped. Marks `health` synced once every cache is.
     /// An object that cannot be read is reported (log, metric and a Warning Event on it).
     pub async fn run(&self, client: Client, namespace: Option<&str>, health: Arc<Health>) {
         use crate::k8s::scoped;
@@ -359,6 +362,13 @@ impl Caches {
                 mark,
                 report("AmiCatalog", AmiCatalog::api_version(&()).into())
             ),
+            self.schedules.run(
+                scoped(&client, namespace),
+                any(),
+                None,
+                mark,
+                report("BakeSchedule", BakeSchedule::api_version(&()).into())
+            ),
         );
     }
 }
@@ -388,6 +398,7 @@ impl Caches {
         fill(&caches.pods, pods);
         fill(&caches.templates, templates);
         fill(&caches.catalogs, catalogs);
+        fill(&caches.schedules, Vec::new());
         for _ in 0..CACHES {
             caches.gate.mark();
         }

@@ -399,6 +399,18 @@ pub fn plan_region(
     }
 }
 
+/// A copy seen available for the first time gets all its tags once more, on the image and now
+/// also on its snapshots (unknown when the copy was asked for; EC2 tags them at creation, an
+/// endpoint that ignores the copy's tag specifications does not). Later checks compare the
+/// image's tags only.
+pub fn tag_snapshots_once(plan: &mut RegionPlan, tags: &BTreeMap<String, String>, was_available: bool) {
+    if was_available || tags.is_empty() || plan.artifact.state != ArtifactState::Available {
+        return;
+    }
+    plan.steps.retain(|s| !matches!(s, Step::Tag(_)));
+    plan.steps.insert(0, Step::Tag(tags.clone()));
+}
+
 /// A step EC2 refused: the region's artifact fails with why (the other regions go on).
 pub fn failed(mut artifact: Artifact, error: &crate::aws::Ec2Error) -> Artifact {
     artifact.state = ArtifactState::Failed;

@@ -489,3 +489,28 @@ fn a_deprecation_date_already_past_is_set_to_the_next_minute_once_and_then_stand
         Some("2026-12-02T00:01:00Z")
     );
 }
+
+#[test]
+fn a_copy_first_seen_available_is_tagged_whole_once_with_its_snapshots() {
+    let d = desired_now();
+    let tags = copy_tags(&image());
+    let mut copy = named(
+        "ami-copy",
+        "2026-12-01T00:00:00Z",
+        &[],
+        Some("[baker: copy of ami-0source]"),
+    );
+    copy.tags = tags.clone();
+    copy.snapshot_ids = vec!["snap-copy".into()];
+    let found = seen(copy, &[], &[]);
+    let mut plan = plan_region(&d, "us-west-2", &tags, None, &found, now());
+    assert!(
+        !plan.steps.iter().any(|s| matches!(s, Step::Tag(_))),
+        "the image has its tags"
+    );
+    let before = plan.clone();
+    tag_snapshots_once(&mut plan, &tags, true);
+    assert_eq!(plan, before, "once only");
+    tag_snapshots_once(&mut plan, &tags, false);
+    assert_eq!(plan.steps.first(), Some(&Step::Tag(tags)));
+}

@@ -132,6 +132,11 @@ fn api_for(
             Api::namespaced_with(client.clone(), namespace, &ApiResource::erase::<AmiCatalog>(&()))
         }
         "BakeTemplate" => Api::all_with(client.clone(), &ApiResource::erase::<BakeTemplate>(&())),
+        "BakeSchedule" => Api::namespaced_with(
+            client.clone(),
+            namespace,
+            &ApiResource::erase::<baker::api::schedule::BakeSchedule>(&()),
+        ),
         other => bail!("the corpus names kind {other:?}, which is not Baker's"),
     };
     Ok((api, object))

@@ -148,6 +148,23 @@ async fn check_artifacts(rig: &Rig, bake: &Bake) -> Result<()> {
                 "{}: copy-of tag",
                 a.region
             );
+            for snapshot in image
+                .block_device_mappings()
+                .iter()
+                .filter_map(|m| m.ebs()?.snapshot_id())
+            {
+                let out = ec2_in(rig, &a.region)
+                    .describe_snapshots()
+                    .snapshot_ids(snapshot)
+                    .send()
+                    .await?;
+                let tagged = out.snapshots().first().is_some_and(|s| {
+                    s.tags()
+                        .iter()
+                        .any(|t| t.key() == Some(keys::BAKE_UID) && t.value() == Some(uid.as_str()))
+                });
+                ensure!(tagged, "{}: the copy's snapshot {snapshot} is tagged", a.region);
+            }
         }
         let shared = launch_permissions(rig, &a.region, &id).await?;
         for who in ACCOUNTS.iter().copied().chain([ORGANIZATION]) {
@@ -435,5 +452,40 @@ async fn retention_removes_an_image_with_its_copies_and_keeps_one_whose_copy_run
         .send()
         .await?;
     ensure!(left.snapshots().is_empty(), "the copy's snapshot is deleted");
+    finish(ns).await
+}
+
+#[tokio::test]
+#[ignore = "needs the rig: make test"]
+async fn deleting_a_bake_that_deregisters_its_image_removes_the_copies_too() -> Result<()> {
+    let (rig, client, ns) = namespace("dist-del").await?;
+    let template = format!("{}-t", ns.name());
+    apply_template_yaml(&client, &template_yaml(&ns, &["us-west-2"], "")).await?;
+    let _operator = Operator::start(rig, ns.name()).await?;
+    let bakes: Api<Bake> = ns.api();
+    let yaml = format!(
+        "{}  deregisterImageOnDelete: true\n",
+        bake_yaml("svc", &template, "svc", "1.0.0", "hvm")
+    );
+    create_bake(&ns, &yaml).await?;
+    let bake = wait_distributed(&bakes, "svc", 2).await?;
+    let status = bake.status.clone().context("status")?;
+    let ami = status.ami_id.clone().context("amiId")?;
+    let copy = status.artifacts[1].image_id.clone().context("copy id")?;
+    bakes.delete("svc", &Default::default()).await?;
+    crate::support::try_wait_until(Duration::from_secs(60), "the Bake gone", || async {
+        Ok(bakes.get_opt("svc").await?.is_none().then_some(()))
+    })
+    .await?;
+    ensure!(
+        !image_exists(&rig.ec2(), &ami).await?,
+        "the image is deregistered"
+    );
+    ensure!(
+        !image_exists(&ec2_in(rig, "us-west-2"), &copy).await?,
+        "its copy in us-west-2 is deregistered"
+    );
+    let events = event_notes(&ns, "Cleaned").await?;
+    ensure!(events.iter().any(|n| n.contains(&copy)), "{events:?}");
     finish(ns).await
 }

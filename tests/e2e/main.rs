@@ -25,6 +25,7 @@ mod examples;
 mod packer_validate;
 mod requests;
 mod rig;
+mod schedule;
 mod seed_api;
 mod ship;
 mod tenancy;

@@ -2,11 +2,16 @@
 """moto_server, plus AMI deprecation, for the rig's fake EC2.
 
 moto (5.2.5) has no EnableImageDeprecation or DisableImageDeprecation, and DescribeImages never
-reports a DeprecationTime, so Baker's image deprecation cannot run against the rig. This adds:
+reports a DeprecationTime, so Baker's image deprecation cannot run against the rig. This adds them:
   EnableImageDeprecation (ImageId, DeprecateAt)  stores the time on the image, answers true
   DisableImageDeprecation (ImageId)              clears it, answers true
   DescribeImages                                 DeprecationTime (2027-01-01T00:00:00.000Z) on
                                                  images that have one
+and, so that an image baked on the rig can be the source of the next bake (a base image, then a
+service on it), as on EC2:
+  CreateImage, CopyImage                         the new image's root device type is `ebs` (moto
+                                                 says `standard`, which packer's amazon-ebs
+                                                 builder refuses as a source)
 An unknown image gets InvalidAMIID.NotFound (a deregistered one InvalidAMIID.Unavailable), as
 moto's own EnableImage does. The time is kept as given: EC2's rounding to the minute, and
 deprecated images being hidden from other accounts, are not emulated. Nothing else changes.
@@ -24,7 +29,7 @@ import sys
 
 from moto.core.responses import ActionResult
 from moto.ec2.exceptions import InvalidAMIIdError, MissingParameterError, UnvailableAMIIdError
-from moto.ec2.models.amis import Ami
+from moto.ec2.models.amis import Ami, AmiBackend
 from moto.ec2.responses.amis import AmisResponse
 from moto.ec2.utils import format_timestamp
 from moto.server import main
@@ -59,6 +64,17 @@ def disable_image_deprecation(self):
     return ActionResult({"Return": True})
 
 
+def _ebs_rooted(make):
+    def wrapper(self, *args, **kwargs):
+        image = make(self, *args, **kwargs)
+        image.root_device_type = "ebs"
+        return image
+
+    return wrapper
+
+
+AmiBackend.create_image = _ebs_rooted(AmiBackend.create_image)
+AmiBackend.copy_image = _ebs_rooted(AmiBackend.copy_image)
 AmisResponse.enable_image_deprecation = enable_image_deprecation
 AmisResponse.disable_image_deprecation = disable_image_deprecation
 

@@ -363,10 +363,11 @@ async fn a_distributed_bake_is_ready_once_its_image_is_copied_shared_and_depreca
 
     // The whole distribution, both passes. First: DescribeImages of the image and by name in
     // each copy region, the copied-to tag, two copies and their tags, the image's attributes
-    // read and set. Second: the same reads of all three, and the copies' attributes set.
+    // read and set. Second: the same reads of all three, the copies tagged again with their
+    // snapshots, and the copies' attributes set.
     let expected: BTreeMap<String, usize> = [
         ("DescribeImages", 6),
-        ("CreateTags", 3),
+        ("CreateTags", 5),
         ("CopyImage", 2),
         ("DescribeImageAttribute", 4),
         ("ModifyImageAttribute", 3),
