@@ -131,6 +131,7 @@ async fn apply(bake: &Bake, ctx: &Context) -> Result<Action> {
         {
             stop_unstarted_pod(ctx, &pod).await?;
         }
+        tracing::debug!("finished and up to date");
         // Its image may still need to reach (or be kept in) the template's regions.
         return super::distribute::maintain(&b, ctx).await;
     }

@@ -225,18 +225,24 @@ async fn reconcile_inner(schedule: &BakeSchedule, ctx: &Context) -> Result<Actio
             }
             // Made by an earlier pass whose status did not land: the trigger is done.
             Err(kube::Error::Api(s)) if s.code == 409 && bakes.iter().any(|b| b.name == new.name) => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                // Not ours (not in the cache as the schedule's): never adopt it.
-                status.message = Some(format!(
+            // Not ours (not in the cache as the schedule's): never adopt it.
+            Err(kube::Error::Api(s)) if s.code == 409 => not_made(
+                &mut status,
+                schedule,
+                format!(
                     "Bake {} exists and was not made by this schedule; delete it so the trigger can bake",
                     new.name
-                ));
-                status.last_trigger = schedule.status.as_ref().and_then(|s| s.last_trigger.clone());
-                status.last_schedule_time = schedule
-                    .status
-                    .as_ref()
-                    .and_then(|s| s.last_schedule_time.clone());
-            }
+                ),
+            ),
+            // RBAC: the operator creates Bakes only where bakes may run (the chart's bakeNamespaces).
+            Err(kube::Error::Api(s)) if s.code == 403 => not_made(
+                &mut status,
+                schedule,
+                format!(
+                    "the operator may not create Bakes in {namespace}: schedules work in the namespaces where bakes may run ({})",
+                    s.message
+                ),
+            ),
             Err(e) => return Err(Error::CreateBake(new.name.clone(), e)),
         }
     }
@@ -251,6 +257,14 @@ async fn reconcile_inner(schedule: &BakeSchedule, ctx: &Context) -> Result<Actio
     Ok(decision
         .requeue
         .map_or_else(Action::await_change, Action::requeue))
+}
+
+/// The trigger's Bake was not made: the status says why and keeps the trigger pending.
+fn not_made(status: &mut crate::api::schedule::BakeScheduleStatus, schedule: &BakeSchedule, why: String) {
+    let previous = schedule.status.as_ref();
+    status.message = Some(why);
+    status.last_trigger = previous.and_then(|s| s.last_trigger.clone());
+    status.last_schedule_time = previous.and_then(|s| s.last_schedule_time.clone());
 }
 
 async fn publish(
