@@ -311,21 +311,48 @@ impl Ec2 {
     /// Images of this account whose `baker.io/source-ami` tag names one of `ids`: `ids` are their
     /// bases.
     pub async fn bases_among(&self, region: &str, ids: &[String]) -> Result<Uses, Ec2Error> {
+        let mut uses = Uses::new();
+        for (base, children) in self.children_of(region, ids).await? {
+            if let Some(child) = children.first() {
+                uses.insert(base, format!("the base of image {child}"));
+            }
+        }
+        Ok(uses)
+    }
+
+    /// The images of this account built on each of `ids` (by their `baker.io/source-ami` tag).
+    pub async fn children_of(
+        &self,
+        region: &str,
+        ids: &[String],
+    ) -> Result<BTreeMap<String, Vec<String>>, Ec2Error> {
+        let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        if ids.is_empty() {
+            return Ok(out);
+        }
         let filters = vec![
             Filter::builder()
                 .name(format!("tag:{}", crate::api::keys::SOURCE_AMI))
                 .set_values(Some(ids.to_vec()))
                 .build(),
         ];
-        let children = self.describe(region, &["self".to_string()], filters).await?;
-        let mut uses = Uses::new();
-        for child in children {
+        for child in self.describe(region, &["self".to_string()], filters).await? {
             if let Some(base) = child.tags.get(crate::api::keys::SOURCE_AMI) {
-                uses.entry(base.clone())
-                    .or_insert_with(|| format!("the base of image {}", child.image_id));
+                out.entry(base.clone()).or_default().push(child.image_id.clone());
             }
         }
-        Ok(uses)
+        Ok(out)
+    }
+
+    /// Makes EC2 refuse to launch an image (it stays, and can be enabled again).
+    pub async fn disable_image(&self, region: &str, id: &str) -> Result<(), Ec2Error> {
+        self.client(region)
+            .disable_image()
+            .image_id(id)
+            .send()
+            .await
+            .map_err(|e| Ec2Error::from_sdk("DisableImage", e))?;
+        Ok(())
     }
 
     /// Instances (not terminated) launched from one of `ids`.

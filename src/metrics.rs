@@ -314,10 +314,11 @@ pub fn count_phases<'a>(bakes: impl IntoIterator<Item = &'a Bake>) -> [i64; 5] {
 /// An EC2 action name as a label: the SDK's operation names are a fixed set of identifiers;
 /// anything else (which should not happen) collapses into `other`.
 /// The resources Baker reads or writes; any other counts as `other`, so labels stay bounded.
-const KUBE_RESOURCES: [&str; 10] = [
+const KUBE_RESOURCES: [&str; 11] = [
     "bakes",
     "baketemplates",
     "amicatalogs",
+    "bakeschedules",
     "pods",
     "configmaps",
     "events",

@@ -82,6 +82,67 @@ pub struct AmiCatalogSpec {
     /// namespace, used by an instance, or named by a launch template.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Retention>,
+
+    /// Images nothing new may start from: a template whose source is this catalog takes the
+    /// newest image not revoked (or waits), BakeSchedules on it see the source move and bake
+    /// again, and images Baker baked for this namespace are deprecated at once (or disabled) in
+    /// EC2, with their copies in other regions. Remove an entry to stop excluding the image (its
+    /// deprecation or disabling stays: undo it in EC2 by hand).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 50))]
+    pub revoked: Vec<Revocation>,
+}
+
+/// One revoked image.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct Revocation {
+    /// The image, e.g. `ami-0123456789abcdef0`.
+    #[x_kube(validation = kube::core::Rule::new("self.matches('^ami-[0-9a-f]{8,17}$')").message("imageId must look like ami-0123456789abcdef0"))]
+    #[schemars(length(max = 21))]
+    pub image_id: String,
+
+    /// Why, for people: shown in the catalog's status and Events.
+    #[x_kube(validation = kube::core::Rule::new("!self.matches('[\\x00-\\x1f\\x7f]')").message("reason may not contain control characters"))]
+    #[schemars(length(min = 1, max = 256))]
+    pub reason: String,
+
+    /// Revoke the images built on it too (by Baker's `baker.io/source-ami` lineage tag), and
+    /// theirs, five generations deep.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub descendants: bool,
+
+    /// `Deprecate` (default: EC2 marks the image deprecated now; it still launches, but no
+    /// longer shows in searches for the newest image) or `Disable` (EC2 refuses to launch it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<RevokeAction>,
+}
+
+/// What revocation does to an image in EC2.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, schemars::JsonSchema, Default)]
+pub enum RevokeAction {
+    #[default]
+    Deprecate,
+    Disable,
+}
+
+/// A revoked image and what was done to it.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RevokedImage {
+    pub image_id: String,
+    pub reason: String,
+    /// The revoked image this one descends from, when it is revoked as a descendant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub descendant_of: Option<String>,
+    /// `Deprecated`, `Disabled`, or `NotActedOn` (an image Baker did not bake for this namespace:
+    /// only excluded as a source).
+    pub outcome: String,
+    /// The image's copies in other regions that got the same.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub copies: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// Which images to keep; the others are removed. With both limits, an image is kept if either
@@ -125,6 +186,9 @@ pub struct CatalogImage {
     pub version: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub source_ami_id: Option<String>,
+    /// Set when the image is revoked: why. A revoked image is never a source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked: Option<String>,
 }
 
 /// The images found at the last sync.
@@ -149,6 +213,9 @@ pub struct AmiCatalogStatus {
     /// because something still uses it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionStatus>,
+    /// The revoked images (those `spec.revoked` names and their descendants) and what was done.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub revoked: Vec<RevokedImage>,
     /// `Ready` is False with the AWS error code when EC2 could not be read.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "crate::api::conditions::conditions_schema")]

@@ -30,7 +30,7 @@ use super::bake::VirtualizationType;
     printcolumn(name = "Last Bake", type_ = "string", json_path = ".status.lastTrigger.bake"),
     printcolumn(name = "AMI", type_ = "string", json_path = ".status.latest.amiId"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
-    validation = kube::core::Rule::new("size(self.metadata.name) <= 40").message("a BakeSchedule's name must be at most 40 characters: its Bakes are named after it")
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 32").message("a BakeSchedule's name must be at most 32 characters: its Bakes are named after it")
 )]
 #[x_kube(validation = kube::core::Rule::new("has(self.schedule) || self.onSourceChange").message("set a schedule, onSourceChange: true, or both: otherwise nothing ever bakes"))]
 #[serde(rename_all = "camelCase")]
@@ -146,6 +146,10 @@ pub struct BakeScheduleStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_trigger: Option<ScheduleTrigger>,
 
+    /// How many source changes made a Bake: the number in their Bakes' names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_triggers: Option<i64>,
+
     /// The cron time last acted on (so a restart never acts on it again).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_schedule_time: Option<Time>,
@@ -184,6 +188,9 @@ pub struct ScheduleTrigger {
     pub message: String,
     /// The Bake it made.
     pub bake: String,
+    /// The source image the trigger saw.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_ami_id: Option<String>,
     pub at: Option<Time>,
 }
 

@@ -229,6 +229,7 @@ async fn plan<'c>(
             filter: filter.clone(),
             keyed_images: keyed_images.as_deref(),
             bakes: bakes.as_deref(),
+            now: jiff::Timestamp::now(),
         };
         let plan = match stage {
             Stage::Launch => launch::decide(&facts),
@@ -288,7 +289,7 @@ async fn launch(b: &BakeRef<'_>, ctx: &Context) -> Result<Action> {
             from,
         } => {
             drop(guard);
-            return reuse(b, ctx, &prepared.keyed.key, &prepared.region, ami_id, from).await;
+            return reuse(b, ctx, &prepared, ami_id, from).await;
         }
         launch::Plan::Ask(_) => return Err(Error::Undecided),
     };
@@ -505,11 +506,11 @@ async fn refused(
 async fn reuse(
     b: &BakeRef<'_>,
     ctx: &Context,
-    bake_key: &str,
-    region: &str,
+    prepared: &launch::Prepared,
     ami_id: String,
     from: Option<String>,
 ) -> Result<Action> {
+    let (bake_key, region) = (prepared.keyed.key.as_str(), prepared.region.as_str());
     let origin = from
         .as_deref()
         .map(|f| format!(" baked by Bake {f}"))
@@ -522,6 +523,9 @@ async fn reuse(
     let mut next = status::apply(b.status(), b.bake.metadata.generation, &t, &now());
     next.bake_key = Some(bake_key.to_string());
     next.region = Some(region.to_string());
+    // The key covers the source: the image reused was built on the same one (lineage for
+    // schedules and `status.sourceAmiId` readers).
+    next.source_ami_id = Some(prepared.source_ami.clone());
     next.reused_from = Some(ReusedImage {
         image_id: ami_id,
         bake: from,

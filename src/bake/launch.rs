@@ -43,6 +43,8 @@ pub struct Facts<'a> {
     pub keyed_images: Option<&'a [ImageSummary]>,
     /// The Bakes the queue sees, read under the launch lock.
     pub bakes: Option<&'a [BakeView]>,
+    /// The time of the decision (a deprecated image is not reused).
+    pub now: jiff::Timestamp,
 }
 
 /// A fact the decision needs before it can decide.
@@ -158,10 +160,15 @@ pub fn prepare(f: &Facts<'_>) -> Result<Prepared, Early> {
             match crate::catalog::source_image(f.catalog.and_then(|c| c.status.as_ref()), virt) {
                 Some(id) => id,
                 None => {
-                    let what = if f.catalog.is_some() {
-                        "lists no available"
-                    } else {
-                        "does not exist, so it lists no"
+                    let revoked = f
+                        .catalog
+                        .and_then(|c| c.status.as_ref())
+                        .map_or(0, |s| s.images.iter().filter(|i| i.revoked.is_some()).count());
+                    let what = match (f.catalog.is_some(), revoked) {
+                        (false, _) => "does not exist, so it lists no",
+                        (true, 0) => "lists no available",
+                        // Every candidate is revoked: say so, a person has to act.
+                        (true, _) => "lists only revoked images, no available",
                     };
                     return stop(
                         Reason::SourceCatalogEmpty,
@@ -224,17 +231,26 @@ pub fn prepare(f: &Facts<'_>) -> Result<Prepared, Early> {
     }
 }
 
-/// An available image carrying `key` and baked for a Bake within `scope` of `namespace`. The
+/// An available image carrying `key` and baked for a Bake within `scope` of `namespace`, and not
+/// deprecated by `now` (a revoked image is deprecated or disabled: a Bake never reuses it). The
 /// key tag is checked again here: EC2's tag filter is the query, not the evidence.
 pub fn reusable<'a>(
     images: &'a [ImageSummary],
     key: &str,
     namespace: &str,
     scope: Scope,
+    now: jiff::Timestamp,
 ) -> Option<&'a ImageSummary> {
+    let deprecated = |i: &ImageSummary| {
+        i.deprecation_time
+            .as_deref()
+            .and_then(|t| t.parse::<jiff::Timestamp>().ok())
+            .is_some_and(|t| t <= now)
+    };
     images.iter().find(|i| {
         i.tags.get(keys::BAKE_KEY).map(String::as_str) == Some(key)
             && i.state.as_deref() == Some("available")
+            && !deprecated(i)
             && scope.reaches(namespace, i.baker_namespace())
     })
 }
@@ -262,7 +278,7 @@ pub fn decide(f: &Facts<'_>) -> Plan {
     if !rebake {
         match f.keyed_images {
             Some(images) => {
-                if let Some(image) = reusable(images, &key, &namespace, scope) {
+                if let Some(image) = reusable(images, &key, &namespace, scope, f.now) {
                     return Plan::Reuse {
                         ami_id: image.image_id.clone(),
                         from: image.tags.get(keys::BAKE).cloned(),

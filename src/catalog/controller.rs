@@ -13,7 +13,7 @@ use kube::{Client, Resource, ResourceExt};
 use tracing::{info, instrument, warn};
 
 use super::error::{Error, Result};
-use super::retention;
+use super::{retention, revocation};
 use crate::api::catalog::{Retention, RetentionStatus};
 use crate::api::{AmiCatalog, Bake};
 use crate::aws::{Ec2, Ec2Error, ImageSummary};
@@ -135,6 +135,18 @@ async fn sync(catalog: &AmiCatalog, ctx: &Context) -> Result<Action> {
     } else if spec.retention.is_none() {
         retention = None;
     }
+    let mut revoked = catalog
+        .status
+        .as_ref()
+        .map(|s| s.revoked.clone())
+        .unwrap_or_default();
+    let mut marks = Vec::new();
+    if let Ok(images) = &outcome {
+        match revoke(catalog, ctx, &namespace, images).await {
+            Ok((r, entries)) => (marks, revoked) = (r, entries),
+            Err(e) => outcome = Err(e),
+        }
+    }
     let failed = outcome.is_err();
     if let Err(e) = &outcome {
         warn!(code = %e.code, error = %e, "catalog sync failed");
@@ -149,6 +161,10 @@ async fn sync(catalog: &AmiCatalog, ctx: &Context) -> Result<Action> {
         &crate::k8s::now(),
     );
     next.retention = retention;
+    if !failed {
+        revocation::mark(&mut next, &marks);
+        next.revoked = revoked;
+    }
     if super::changed(previous, &next) {
         crate::k8s::apply_status(&ctx.client, catalog, &next).await?;
         info!(
@@ -250,6 +266,106 @@ async fn retain(
         retention::next_status(previous, false, &removed, plan.protected, plan.deferred),
         ids,
     )))
+}
+
+/// Applies the catalog's revocations: the revoked images (with their descendants) and what was
+/// done to each. An image Baker baked for this namespace is deprecated now (or disabled) in its
+/// region and in every region its copies are in; one done in an earlier sync is not asked again.
+async fn revoke(
+    catalog: &AmiCatalog,
+    ctx: &Context,
+    namespace: &str,
+    images: &[ImageSummary],
+) -> std::result::Result<(Vec<revocation::Revoked>, Vec<crate::api::catalog::RevokedImage>), Ec2Error> {
+    let spec = &catalog.spec;
+    if spec.revoked.is_empty() {
+        return Ok(Default::default());
+    }
+    let region = &spec.region;
+    let mut children: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    let mut frontier: Vec<String> = spec
+        .revoked
+        .iter()
+        .filter(|r| r.descendants)
+        .map(|r| r.image_id.clone())
+        .collect();
+    for _ in 0..revocation::MAX_GENERATIONS {
+        if frontier.is_empty() {
+            break;
+        }
+        let found = ctx.ec2.children_of(region, &frontier).await?;
+        frontier = found
+            .values()
+            .flatten()
+            .filter(|c| !children.contains_key(*c))
+            .cloned()
+            .collect();
+        children.extend(found);
+    }
+    let revoked = revocation::expand(&spec.revoked, &children);
+    let before: Vec<crate::api::catalog::RevokedImage> = catalog
+        .status
+        .as_ref()
+        .map(|s| s.revoked.clone())
+        .unwrap_or_default();
+    let mut entries = Vec::new();
+    for r in &revoked {
+        let done = revocation::outcome(r, revocation::Act::Done);
+        if let Some(p) = before
+            .iter()
+            .find(|p| p.image_id == r.image_id && p.outcome == done)
+        {
+            entries.push(p.clone());
+            continue;
+        }
+        let image = match images.iter().find(|i| i.image_id == r.image_id) {
+            Some(i) => Some(i.clone()),
+            None => ctx.ec2.image(region, &r.image_id).await?,
+        };
+        let Some(image) = image else {
+            let message = format!("EC2 lists no image {} in {region}", r.image_id);
+            entries.push(revocation::status_entry(
+                r,
+                revocation::Act::NotOurs,
+                Vec::new(),
+                Some(message),
+            ));
+            continue;
+        };
+        let act = revocation::act(&image, r, ctx.retention_scope, namespace, jiff::Timestamp::now());
+        let mut copies = Vec::new();
+        if matches!(act, revocation::Act::Deprecate(_) | revocation::Act::Disable) {
+            let mut targets = vec![(region.clone(), image.image_id.clone())];
+            for copy_region in crate::distribution::copy_regions(&image) {
+                for copy in ctx.ec2.copies_of(&copy_region, &image.image_id).await? {
+                    copies.push(format!("{} in {copy_region}", copy.image_id));
+                    targets.push((copy_region.clone(), copy.image_id));
+                }
+            }
+            for (target_region, id) in &targets {
+                match act {
+                    revocation::Act::Deprecate(at) => ctx.ec2.deprecate(target_region, id, at).await?,
+                    _ => ctx.ec2.disable_image(target_region, id).await?,
+                }
+            }
+            let what = revocation::outcome(r, act).to_lowercase();
+            let copied = if copies.is_empty() {
+                String::new()
+            } else {
+                format!(" with its copies {}", copies.join(", "))
+            };
+            publish(
+                catalog,
+                ctx,
+                "Revoked",
+                format!("Revoke:{}", r.image_id),
+                format!("{} {what}{copied}: {}", r.image_id, r.reason),
+            )
+            .await;
+        }
+        entries.push(revocation::status_entry(r, act, copies, None));
+    }
+    Ok((revoked, entries))
 }
 
 /// An Event about the catalog (best effort). kube's recorder folds Events with equal reason and

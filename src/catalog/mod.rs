@@ -4,6 +4,7 @@
 pub mod controller;
 pub mod error;
 pub mod retention;
+pub mod revocation;
 
 pub use error::{Error, Result};
 
@@ -95,6 +96,7 @@ pub fn catalog_image(image: &ImageSummary) -> CatalogImage {
         service: tag(keys::SERVICE),
         version: tag(keys::VERSION),
         source_ami_id: tag(keys::SOURCE_AMI),
+        revoked: None,
     }
 }
 
@@ -205,11 +207,13 @@ pub fn due(
 }
 
 /// The image a Bake of this virtualization type starts from when its template names the catalog:
-/// the newest available one listed of that type (an image whose type is unknown also serves).
+/// the newest available one listed of that type (an image whose type is unknown also serves) that
+/// is not revoked.
 pub fn source_image(status: Option<&AmiCatalogStatus>, virtualization_type: &str) -> Option<String> {
     let status = status?;
     let fits = |i: &&CatalogImage| {
-        i.state.as_deref() == Some("available")
+        i.revoked.is_none()
+            && i.state.as_deref() == Some("available")
             && i.virtualization_type
                 .as_deref()
                 .is_none_or(|v| v == virtualization_type)
@@ -274,6 +278,7 @@ mod tests {
             limit: None,
             refresh_interval_seconds: None,
             retention: None,
+            revoked: vec![],
         }
     }
 

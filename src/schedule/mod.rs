@@ -93,9 +93,10 @@ pub fn cron_bake_name(schedule: &str, at: jiff::Timestamp) -> String {
     format!("{schedule}-{}", at.strftime("%Y%m%d%H%M%S"))
 }
 
-/// The Bake name of a source trigger: the schedule's name and the source image.
-pub fn source_bake_name(schedule: &str, source: &str) -> String {
-    format!("{schedule}-{source}")
+/// The Bake name of the `n`th source trigger: the schedule's name, the source image and `n` (a
+/// source seen again later, after a revocation, is a new trigger).
+pub fn source_bake_name(schedule: &str, source: &str, n: i64) -> String {
+    format!("{schedule}-{source}-{n}")
 }
 
 fn spec_of(spec: &BakeScheduleSpec) -> BakeSpec {
@@ -188,13 +189,13 @@ pub fn decide(f: &Facts<'_>) -> Decision {
         .last_trigger
         .as_ref()
         .filter(|t| t.kind == SOURCE_CHANGE)
-        .map(|t| t.bake.clone());
+        .and_then(|t| t.source_ami_id.clone());
     let source_due = source.as_ref().filter(|s| {
         spec.on_source_change
             && latest.and_then(|l| l.source_ami_id.as_deref()) != Some(s.as_str())
-            && last_source_trigger.as_deref() != Some(source_bake_name(f.name, s).as_str())
-            && !f.bakes.iter().any(|b| b.name == source_bake_name(f.name, s))
+            && last_source_trigger.as_deref() != Some(s.as_str())
     });
+    let source_n = previous.source_triggers.unwrap_or(0) + 1;
 
     let trigger = match (cron_due, source_due) {
         _ if spec.suspend => None,
@@ -203,6 +204,7 @@ pub fn decide(f: &Facts<'_>) -> Decision {
             spec: spec_of(spec),
             trigger: ScheduleTrigger {
                 kind: SCHEDULE.into(),
+                source_ami_id: source.clone(),
                 message: format!(
                     "the schedule {:?} came due",
                     spec.schedule.as_deref().unwrap_or_default()
@@ -212,7 +214,7 @@ pub fn decide(f: &Facts<'_>) -> Decision {
             },
         }),
         (None, Some(s)) => Some(NewBake {
-            name: source_bake_name(f.name, s),
+            name: source_bake_name(f.name, s, source_n),
             spec: spec_of(spec),
             trigger: ScheduleTrigger {
                 kind: SOURCE_CHANGE.into(),
@@ -220,7 +222,8 @@ pub fn decide(f: &Facts<'_>) -> Decision {
                     Some(old) => format!("the source moved from {old} to {s}"),
                     None => format!("no image was made from the source {s} yet"),
                 },
-                bake: source_bake_name(f.name, s),
+                bake: source_bake_name(f.name, s, source_n),
+                source_ami_id: Some(s.clone()),
                 at: Some(time(f.now)),
             },
         }),
@@ -337,6 +340,8 @@ pub fn decide(f: &Facts<'_>) -> Decision {
 fn record(status: &mut BakeScheduleStatus, new: &NewBake, cron_due: Option<jiff::Timestamp>) {
     if new.trigger.kind == SCHEDULE {
         status.last_schedule_time = cron_due.map(time);
+    } else {
+        status.source_triggers = Some(status.source_triggers.unwrap_or(0) + 1);
     }
     status.last_trigger = Some(new.trigger.clone());
 }

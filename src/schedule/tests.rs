@@ -69,7 +69,7 @@ fn a_new_schedule_bakes_its_source_once_under_a_name_the_source_decides() {
     let s = spec();
     let d = decide_with(&s, None, &[], "ami-base1", "2026-12-02T00:00:00Z");
     let new = d.create.clone().expect("a Bake");
-    assert_eq!(new.name, "svc-ami-base1");
+    assert_eq!(new.name, "svc-ami-base1-1");
     assert_eq!(new.trigger.kind, SOURCE_CHANGE);
     assert!(!new.spec.rebake);
     assert_eq!(condition(&d, OUTDATED), ("True".into(), "NeverBaked".into()));
@@ -78,7 +78,7 @@ fn a_new_schedule_bakes_its_source_once_under_a_name_the_source_decides() {
     assert_eq!(again.create, None);
     // And once the Bake is seen, nothing more.
     let running = [bake(
-        "svc-ami-base1",
+        "svc-ami-base1-1",
         "2026-12-02T00:00:00Z",
         BakePhase::Running,
         "ami-base1",
@@ -91,7 +91,7 @@ fn a_new_schedule_bakes_its_source_once_under_a_name_the_source_decides() {
 fn a_newer_source_bakes_again_within_the_rate_limit_and_an_image_on_the_newest_source_is_up_to_date() {
     let s = spec();
     let done = [bake(
-        "svc-ami-base1",
+        "svc-ami-base1-1",
         "2026-12-02T00:00:00Z",
         BakePhase::Succeeded,
         "ami-base1",
@@ -101,7 +101,7 @@ fn a_newer_source_bakes_again_within_the_rate_limit_and_an_image_on_the_newest_s
     assert_eq!(condition(&current, OUTDATED), ("False".into(), "UpToDate".into()));
     assert_eq!(
         current.status.latest.as_ref().map(|l| l.ami_id.as_str()),
-        Some("ami-of-svc-ami-base1")
+        Some("ami-of-svc-ami-base1-1")
     );
 
     let moved = decide_with(&s, None, &done, "ami-base2", "2026-12-02T00:01:00Z");
@@ -118,7 +118,7 @@ fn a_newer_source_bakes_again_within_the_rate_limit_and_an_image_on_the_newest_s
 
     let later = decide_with(&s, None, &done, "ami-base2", "2026-12-02T00:30:00Z");
     let new = later.create.expect("a Bake for the new source");
-    assert_eq!(new.name, "svc-ami-base2");
+    assert_eq!(new.name, "svc-ami-base2-1");
     assert!(new.trigger.message.contains("from ami-base1 to ami-base2"));
 }
 
@@ -126,12 +126,22 @@ fn a_newer_source_bakes_again_within_the_rate_limit_and_an_image_on_the_newest_s
 fn a_failed_bake_of_a_source_is_not_retried_until_the_source_or_the_clock_moves() {
     let s = spec();
     let failed = [bake(
-        "svc-ami-base1",
+        "svc-ami-base1-1",
         "2026-12-02T00:00:00Z",
         BakePhase::Failed,
         "ami-base1",
     )];
-    let d = decide_with(&s, None, &failed, "ami-base1", "2026-12-02T02:00:00Z");
+    let tried = BakeScheduleStatus {
+        last_trigger: Some(ScheduleTrigger {
+            kind: SOURCE_CHANGE.into(),
+            bake: "svc-ami-base1-1".into(),
+            source_ami_id: Some("ami-base1".into()),
+            ..Default::default()
+        }),
+        source_triggers: Some(1),
+        ..Default::default()
+    };
+    let d = decide_with(&s, Some(&tried), &failed, "ami-base1", "2026-12-02T02:00:00Z");
     assert_eq!(d.create, None);
     assert_eq!(condition(&d, OUTDATED).0, "True");
 }
@@ -141,7 +151,7 @@ fn forbid_waits_for_the_unfinished_bake_and_allow_does_not() {
     let mut s = spec();
     s.min_interval_seconds = Some(0);
     let running = [bake(
-        "svc-ami-base1",
+        "svc-ami-base1-1",
         "2026-12-02T00:00:00Z",
         BakePhase::Running,
         "ami-base1",
@@ -156,7 +166,7 @@ fn forbid_waits_for_the_unfinished_bake_and_allow_does_not() {
     );
     s.concurrency_policy = Some(ConcurrencyPolicy::Allow);
     let d = decide_with(&s, None, &running, "ami-base2", "2026-12-02T00:10:00Z");
-    assert_eq!(d.create.map(|c| c.name), Some("svc-ami-base2".to_string()));
+    assert_eq!(d.create.map(|c| c.name), Some("svc-ami-base2-1".to_string()));
 }
 
 #[test]
@@ -248,7 +258,7 @@ fn the_operators_floor_holds_a_schedule_that_asks_for_no_interval() {
     let mut s = spec();
     s.min_interval_seconds = Some(0);
     let done = [bake(
-        "svc-ami-base1",
+        "svc-ami-base1-1",
         "2026-12-02T00:00:00Z",
         BakePhase::Succeeded,
         "ami-base1",
@@ -266,4 +276,37 @@ fn the_operators_floor_holds_a_schedule_that_asks_for_no_interval() {
     });
     assert_eq!(d.create, None);
     assert_eq!(d.requeue, Some(Duration::from_secs(31)));
+}
+
+#[test]
+fn a_source_seen_again_after_a_revocation_is_a_new_trigger_with_a_new_name() {
+    let s = spec();
+    // Built on base1, then on base2; base2 is revoked, so the source is base1 again.
+    let bakes = [
+        bake(
+            "svc-ami-base1-1",
+            "2026-12-01T00:00:00Z",
+            BakePhase::Succeeded,
+            "ami-base1",
+        ),
+        bake(
+            "svc-ami-base2-2",
+            "2026-12-02T00:00:00Z",
+            BakePhase::Succeeded,
+            "ami-base2",
+        ),
+    ];
+    let status = BakeScheduleStatus {
+        last_trigger: Some(ScheduleTrigger {
+            kind: SOURCE_CHANGE.into(),
+            bake: "svc-ami-base2-2".into(),
+            source_ami_id: Some("ami-base2".into()),
+            ..Default::default()
+        }),
+        source_triggers: Some(2),
+        ..Default::default()
+    };
+    let d = decide_with(&s, Some(&status), &bakes, "ami-base1", "2026-12-03T00:00:00Z");
+    assert_eq!(d.create.map(|c| c.name), Some("svc-ami-base1-3".to_string()));
+    assert_eq!(d.status.source_triggers, Some(3));
 }

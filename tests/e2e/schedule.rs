@@ -135,11 +135,19 @@ async fn templates(client: &Client, ns: &TestNamespace) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-#[ignore = "needs the rig: make test"]
-async fn a_new_upstream_image_leads_to_one_new_base_image_then_one_new_service_image_built_on_it()
--> Result<()> {
-    let (rig, client, ns) = namespace("sched").await?;
+/// A namespace with the two-pass chain on the rig and its operator: upstream catalog `up`
+/// (images named `<ns>-up-*`), base catalog `base`, a base schedule on `up` and a service schedule
+/// `app` on `base`; returns once the first base and the first service image exist.
+struct TwoPass {
+    rig: &'static Rig,
+    ns: TestNamespace,
+    bakes: Api<Bake>,
+    base_service: String,
+    _operator: Operator,
+}
+
+async fn two_pass(prefix: &str) -> Result<TwoPass> {
+    let (rig, client, ns) = namespace(prefix).await?;
     let suffix = random_suffix();
     let (base_service, app_service) = (format!("base-{suffix}"), format!("app-{suffix}"));
     upstream_image(rig, &format!("{}-up-1", ns.name())).await?;
@@ -163,30 +171,47 @@ async fn a_new_upstream_image_leads_to_one_new_base_image_then_one_new_service_i
     apply_schedule(&ns, "base", &format!("{}-base", ns.name()), &base_service).await?;
     apply_schedule(&ns, "app", &format!("{}-svc", ns.name()), &app_service).await?;
     // The operator's floor under minIntervalSeconds is lifted, so the cascade runs at once.
-    let _operator =
+    let operator =
         Operator::start_with(rig, ns.name(), &["--schedule-min-interval-seconds", "0"], &[]).await?;
     let bakes: Api<Bake> = ns.api();
-
-    // First: the base on the upstream image, then the service on that base.
     let base = succeeded(&bakes, "base", 1).await?;
     let app = succeeded(&bakes, "app", 1).await?;
     ensure!(
         source(&app[0]) == ami(&base[0]),
         "the service is built on the base"
     );
+    Ok(TwoPass {
+        rig,
+        ns,
+        bakes,
+        base_service,
+        _operator: operator,
+    })
+}
 
-    // A new upstream image: one new base, then one new service on it, and nothing else.
-    let up2 = upstream_image(rig, &format!("{}-up-2", ns.name())).await?;
-    let base = succeeded(&bakes, "base", 2).await?;
+/// A new upstream image, and the new base and service images it leads to: (bases, apps).
+async fn new_upstream(t: &TwoPass) -> Result<(Vec<Bake>, Vec<Bake>)> {
+    let up2 = upstream_image(t.rig, &format!("{}-up-2", t.ns.name())).await?;
+    let base = succeeded(&t.bakes, "base", 2).await?;
     ensure!(
         source(&base[1]) == up2,
         "the new base is built on the new upstream image"
     );
-    let app = succeeded(&bakes, "app", 2).await?;
+    let app = succeeded(&t.bakes, "app", 2).await?;
     ensure!(
         source(&app[1]) == ami(&base[1]),
         "the new service is built on the new base"
     );
+    Ok((base, app))
+}
+
+#[tokio::test]
+#[ignore = "needs the rig: make test"]
+async fn a_new_upstream_image_leads_to_one_new_base_image_then_one_new_service_image_built_on_it()
+-> Result<()> {
+    let t = two_pass("sched").await?;
+    let (base, app) = new_upstream(&t).await?;
+    let (rig, ns, bakes) = (t.rig, &t.ns, &t.bakes);
     let image = rig.ec2().describe_images().image_ids(ami(&app[1])).send().await?;
     let lineage = image
         .images()
@@ -213,7 +238,7 @@ async fn a_new_upstream_image_leads_to_one_new_base_image_then_one_new_service_i
         ensure!(s.status.as_ref().and_then(|st| st.latest.clone()).is_some());
     }
     // Up to date, a schedule has no trigger left: these counts are final.
-    ensure!(bakes_of(&bakes, "base").await?.len() == 2 && bakes_of(&bakes, "app").await?.len() == 2);
+    ensure!(bakes_of(bakes, "base").await?.len() == 2 && bakes_of(bakes, "app").await?.len() == 2);
     let get = rig
         .kubectl(["get", "bakeschedules", "-n", ns.name()])
         .await?
@@ -223,5 +248,57 @@ async fn a_new_upstream_image_leads_to_one_new_base_image_then_one_new_service_i
         "{}",
         get.stdout
     );
-    finish(ns).await
+    finish(t.ns).await
+}
+
+#[tokio::test]
+#[ignore = "needs the rig: make test"]
+async fn revoking_a_base_image_deprecates_it_and_the_service_rebakes_on_the_newest_base_not_revoked()
+-> Result<()> {
+    let t = two_pass("revoke").await?;
+    let (base, _) = new_upstream(&t).await?;
+    let (good, bad) = (ami(&base[0]), ami(&base[1]));
+    let catalogs = t.ns.api();
+    apply_catalog(
+        &catalogs,
+        "base",
+        &format!(
+            "service: {}\nrefreshIntervalSeconds: 10\nrevoked:\n  - imageId: {bad}\n    reason: CVE-2026-0001 in openssl",
+            t.base_service
+        ),
+    )
+    .await?;
+    let catalog = wait_catalog(&catalogs, "base", "the revoked base deprecated", |s| {
+        s.revoked
+            .iter()
+            .any(|r| r.image_id == bad && r.outcome == "Deprecated")
+            && s.latest.as_ref().is_some_and(|l| l.image_id == good)
+    })
+    .await?;
+    let listed = catalog.status.map(|s| s.images).unwrap_or_default();
+    ensure!(
+        listed
+            .iter()
+            .any(|i| i.image_id == bad && i.revoked.as_deref() == Some("CVE-2026-0001 in openssl"))
+    );
+    let image = t.rig.ec2().describe_images().image_ids(&bad).send().await?;
+    let deprecation = image
+        .images()
+        .first()
+        .and_then(|i| i.deprecation_time())
+        .map(str::to_string);
+    ensure!(deprecation.is_some(), "EC2 deprecates the revoked base");
+
+    // The service built on it is outdated, and rebakes on the newest base not revoked (reusing
+    // the service image already built on that base: nothing else changed).
+    let app = succeeded(&t.bakes, "app", 3).await?;
+    let sources: Vec<(String, String)> = app.iter().map(|b| (b.name_any(), source(b))).collect();
+    let rebuilt = app.iter().find(|b| b.name_any().ends_with("-3")).map(source);
+    ensure!(
+        rebuilt.as_deref() == Some(good.as_str()),
+        "the service rebakes on {good}, not on the revoked {bad}: {sources:?}"
+    );
+    let events = event_notes(&t.ns, "Revoked").await?;
+    ensure!(events.iter().any(|n| n.contains(&bad)), "{events:?}");
+    finish(t.ns).await
 }

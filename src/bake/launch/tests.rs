@@ -68,6 +68,7 @@ fn facts<'a>(bake: &'a Bake, template: Option<&'a BakeTemplate>, config: &'a Ope
         filter: None,
         keyed_images: None,
         bakes: None,
+        now: jiff::Timestamp::now(),
     }
 }
 
@@ -353,4 +354,16 @@ fn the_cli_dry_run_renders_what_the_operator_renders() {
     std::fs::write(&bake_file, serde_yaml::to_string(&b).expect("yaml")).expect("written");
     let dry_run = crate::cli::render_from_files(&template_file, &bake_file, None, None).expect("renders");
     assert_eq!(dry_run, p.keyed.rendered);
+}
+
+#[test]
+fn a_deprecated_image_with_the_key_is_never_reused() {
+    let now = jiff::Timestamp::now();
+    let mut old = image("ami-revoked", "k", "team-a");
+    old.deprecation_time = Some((now - jiff::SignedDuration::from_secs(60)).to_string());
+    let mut later = image("ami-later", "k", "team-a");
+    later.deprecation_time = Some((now + jiff::SignedDuration::from_hours(24)).to_string());
+    let images = [old, later];
+    let found = reusable(&images, "k", "team-a", Scope::Namespace, now);
+    assert_eq!(found.map(|i| i.image_id.as_str()), Some("ami-later"));
 }
