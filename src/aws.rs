@@ -259,7 +259,13 @@ impl Ec2 {
         filters: Vec<Filter>,
         max: usize,
     ) -> Result<(Vec<ImageSummary>, bool), Ec2Error> {
-        let mut request = self.client(region).describe_images().set_filters(Some(filters));
+        // Disabled images (revoked ones) are listed too: retention, cleanup and distribution
+        // must find them; whoever picks an image to use checks its state.
+        let mut request = self
+            .client(region)
+            .describe_images()
+            .set_filters(Some(filters))
+            .include_disabled(true);
         for owner in owners {
             request = request.owners(owner);
         }

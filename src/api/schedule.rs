@@ -64,7 +64,8 @@ pub struct BakeScheduleSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mode: Option<ScheduleMode>,
 
-    /// Stop making Bakes (a Bake under way finishes). Triggers while suspended are dropped.
+    /// Stop making Bakes (a Bake under way finishes). Cron times that pass while suspended are
+    /// dropped; a source change waits and bakes once the schedule is resumed.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub suspend: bool,
 
@@ -145,6 +146,11 @@ pub struct BakeScheduleStatus {
     /// The last trigger that made a Bake.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_trigger: Option<ScheduleTrigger>,
+
+    /// The source the last source-change trigger was for: a failed Bake of it is not retried
+    /// until the source moves again (or the cron time comes).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_source_trigger: Option<String>,
 
     /// How many source changes made a Bake: the number in their Bakes' names.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -142,8 +142,12 @@ async fn distribute(
     Ok(next)
 }
 
+/// Writes the status when it says something new; a pass that found everything as before writes
+/// only to record the periodic check (at most once per check interval), so a copy under way or a
+/// failed region costs no writes while nothing changes.
 async fn write(b: &BakeRef<'_>, ctx: &Context, previous: &BakeStatus, next: &BakeStatus) -> Result<()> {
-    if previous != next {
+    let interval = Duration::from_secs(ctx.config.distribution_check_seconds.max(1));
+    if dist::worth_writing(previous, next, interval) {
         ctx.write_status(b, next).await?;
     }
     Ok(())

@@ -142,10 +142,7 @@ async fn sync(catalog: &AmiCatalog, ctx: &Context) -> Result<Action> {
         .unwrap_or_default();
     let mut marks = Vec::new();
     if let Ok(images) = &outcome {
-        match revoke(catalog, ctx, &namespace, images).await {
-            Ok((r, entries)) => (marks, revoked) = (r, entries),
-            Err(e) => outcome = Err(e),
-        }
+        (marks, revoked) = revoke(catalog, ctx, &namespace, images).await;
     }
     let failed = outcome.is_err();
     if let Err(e) = &outcome {
@@ -214,7 +211,13 @@ async fn retain(
         Err(e) => return Ok(Err(e)),
     };
     // Copies in other regions count: an image goes with its copies, and stays while one is used.
-    let (copy_uses, copies) = match usage::copies_in_use(&ctx.ec2, &past, &bake_uses).await {
+    // Only for images nothing in their own region uses: the others stay anyway.
+    let unused: Vec<ImageSummary> = past
+        .iter()
+        .filter(|i| !uses.contains_key(&i.image_id))
+        .cloned()
+        .collect();
+    let (copy_uses, copies) = match usage::copies_in_use(&ctx.ec2, &unused, &bake_uses).await {
         Ok(found) => found,
         Err(e) => return Ok(Err(e)),
     };
@@ -269,17 +272,20 @@ async fn retain(
 }
 
 /// Applies the catalog's revocations: the revoked images (with their descendants) and what was
-/// done to each. An image Baker baked for this namespace is deprecated now (or disabled) in its
-/// region and in every region its copies are in; one done in an earlier sync is not asked again.
+/// done to each. An image Baker baked for this namespace is deprecated now (or disabled) in every
+/// region its copies are in, then in its own (so a revocation cut short is finished at the next
+/// sync: the image itself is the last done); one done in an earlier sync is not asked again. EC2
+/// refusing an action fails that image's entry, never the exclusion: a revoked image is marked
+/// whatever EC2 says.
 async fn revoke(
     catalog: &AmiCatalog,
     ctx: &Context,
     namespace: &str,
     images: &[ImageSummary],
-) -> std::result::Result<(Vec<revocation::Revoked>, Vec<crate::api::catalog::RevokedImage>), Ec2Error> {
+) -> (Vec<revocation::Revoked>, Vec<crate::api::catalog::RevokedImage>) {
     let spec = &catalog.spec;
     if spec.revoked.is_empty() {
-        return Ok(Default::default());
+        return Default::default();
     }
     let region = &spec.region;
     let mut children: std::collections::BTreeMap<String, Vec<String>> = Default::default();
@@ -293,7 +299,14 @@ async fn revoke(
         if frontier.is_empty() {
             break;
         }
-        let found = ctx.ec2.children_of(region, &frontier).await?;
+        let found = match ctx.ec2.children_of(region, &frontier).await {
+            Ok(found) => found,
+            Err(e) => {
+                // The images named stay revoked; their descendants are looked for again next sync.
+                warn!(error = %e, "listing the descendants of revoked images failed");
+                break;
+            }
+        };
         frontier = found
             .values()
             .flatten()
@@ -318,70 +331,107 @@ async fn revoke(
             entries.push(p.clone());
             continue;
         }
-        let image = match images.iter().find(|i| i.image_id == r.image_id) {
-            Some(i) => Some(i.clone()),
-            None => ctx.ec2.image(region, &r.image_id).await?,
-        };
-        let Some(image) = image else {
-            let message = format!("EC2 lists no image {} in {region}", r.image_id);
-            entries.push(revocation::status_entry(
-                r,
-                revocation::Act::NotOurs,
-                Vec::new(),
-                Some(message),
-            ));
-            continue;
-        };
-        let act = revocation::act(&image, r, ctx.retention_scope, namespace, jiff::Timestamp::now());
-        let mut copies = Vec::new();
-        if matches!(act, revocation::Act::Deprecate(_) | revocation::Act::Disable) {
-            let mut targets = vec![(region.clone(), image.image_id.clone())];
-            for copy_region in crate::distribution::copy_regions(&image) {
-                for copy in ctx.ec2.copies_of(&copy_region, &image.image_id).await? {
-                    copies.push(format!("{} in {copy_region}", copy.image_id));
-                    targets.push((copy_region.clone(), copy.image_id));
-                }
+        match revoke_one(catalog, ctx, namespace, images, r).await {
+            Ok(entry) => entries.push(entry),
+            Err(e) => {
+                warn!(image = %r.image_id, error = %e, "revoking an image in EC2 failed");
+                publish_as(
+                    catalog,
+                    ctx,
+                    EventType::Warning,
+                    "RevocationFailed",
+                    format!("Revoke:{}", r.image_id),
+                    format!(
+                        "{}: {e}; it is excluded as a source, and EC2 is asked again at the next sync",
+                        r.image_id
+                    ),
+                )
+                .await;
+                let mut entry =
+                    revocation::status_entry(r, revocation::Act::Done, Vec::new(), Some(e.to_string()));
+                entry.outcome = "Failed".to_string();
+                entries.push(entry);
             }
-            for (target_region, id) in &targets {
-                match act {
-                    revocation::Act::Deprecate(at) => ctx.ec2.deprecate(target_region, id, at).await?,
-                    _ => ctx.ec2.disable_image(target_region, id).await?,
-                }
-            }
-            let what = revocation::outcome(r, act).to_lowercase();
-            let copied = if copies.is_empty() {
-                String::new()
-            } else {
-                format!(" with its copies {}", copies.join(", "))
-            };
-            publish(
-                catalog,
-                ctx,
-                "Revoked",
-                format!("Revoke:{}", r.image_id),
-                format!("{} {what}{copied}: {}", r.image_id, r.reason),
-            )
-            .await;
         }
-        entries.push(revocation::status_entry(r, act, copies, None));
     }
-    Ok((revoked, entries))
+    (revoked, entries)
+}
+
+/// Revokes one image in EC2 (its copies first, then the image) and says what was done.
+async fn revoke_one(
+    catalog: &AmiCatalog,
+    ctx: &Context,
+    namespace: &str,
+    images: &[ImageSummary],
+    r: &revocation::Revoked,
+) -> std::result::Result<crate::api::catalog::RevokedImage, Ec2Error> {
+    let region = &catalog.spec.region;
+    let image = match images.iter().find(|i| i.image_id == r.image_id) {
+        Some(i) => Some(i.clone()),
+        None => ctx.ec2.image(region, &r.image_id).await?,
+    };
+    let Some(image) = image else {
+        let message = format!("EC2 lists no image {} in {region}", r.image_id);
+        return Ok(revocation::status_entry(
+            r,
+            revocation::Act::NotOurs,
+            Vec::new(),
+            Some(message),
+        ));
+    };
+    let act = revocation::act(&image, r, ctx.retention_scope, namespace, jiff::Timestamp::now());
+    let mut copies = Vec::new();
+    if matches!(act, revocation::Act::Deprecate(_) | revocation::Act::Disable) {
+        let mut targets = Vec::new();
+        for copy_region in crate::distribution::copy_regions(&image) {
+            for copy in ctx.ec2.copies_of(&copy_region, &image.image_id).await? {
+                copies.push(format!("{} in {copy_region}", copy.image_id));
+                targets.push((copy_region.clone(), copy.image_id));
+            }
+        }
+        targets.push((region.clone(), image.image_id.clone()));
+        for (target_region, id) in &targets {
+            match act {
+                revocation::Act::Deprecate(at) => ctx.ec2.deprecate(target_region, id, at).await?,
+                _ => ctx.ec2.disable_image(target_region, id).await?,
+            }
+        }
+        let what = revocation::outcome(r, act).to_lowercase();
+        let copied = if copies.is_empty() {
+            String::new()
+        } else {
+            format!(" with its copies {}", copies.join(", "))
+        };
+        publish(
+            catalog,
+            ctx,
+            "Revoked",
+            format!("Revoke:{}", r.image_id),
+            format!("{} {what}{copied}: {}", r.image_id, r.reason),
+        )
+        .await;
+    }
+    Ok(revocation::status_entry(r, act, copies, None))
+}
+
+/// An Event of a given type about the catalog (best effort).
+async fn publish_as(
+    catalog: &AmiCatalog,
+    ctx: &Context,
+    type_: EventType,
+    reason: &str,
+    action: String,
+    note: String,
+) {
+    let regarding = catalog.object_ref(&());
+    crate::k8s::publish(&ctx.recorder, &regarding, type_, reason, &action, &note).await;
 }
 
 /// An Event about the catalog (best effort). kube's recorder folds Events with equal reason and
 /// action into one series (keeping the first note), so the action names the image: one Event per
 /// removed image.
 async fn publish(catalog: &AmiCatalog, ctx: &Context, reason: &str, action: String, note: String) {
-    let regarding = catalog.object_ref(&());
-    crate::k8s::publish(
-        &ctx.recorder,
-        &regarding,
-        EventType::Normal,
-        reason,
-        &action,
-        &note,
-    )
-    .await;
+    publish_as(catalog, ctx, EventType::Normal, reason, action, note).await;
 }
 
 fn error_policy(_catalog: Arc<AmiCatalog>, error: &Error, _ctx: Arc<Context>) -> Action {

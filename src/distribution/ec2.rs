@@ -15,7 +15,15 @@ use crate::aws::{Ec2, Ec2Error, ImageSummary};
 impl Ec2 {
     /// One image by id, or `None` when EC2 does not list it (deregistered).
     pub async fn image(&self, region: &str, id: &str) -> Result<Option<ImageSummary>, Ec2Error> {
-        match self.client(region).describe_images().image_ids(id).send().await {
+        // A disabled image (a revocation) is still there, and still Baker's to find.
+        match self
+            .client(region)
+            .describe_images()
+            .image_ids(id)
+            .include_disabled(true)
+            .send()
+            .await
+        {
             Ok(out) => Ok(out.images().first().map(ImageSummary::from)),
             Err(e) => {
                 let e = Ec2Error::from_sdk("DescribeImages", e);

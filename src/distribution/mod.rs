@@ -371,8 +371,17 @@ pub fn plan_region(
             steps.push(Step::ShareSnapshots(add));
         }
     }
+    let have = image
+        .deprecation_time
+        .as_deref()
+        .and_then(|h| h.parse::<jiff::Timestamp>().ok());
     match (desired.deprecate_at, image.deprecation_time.as_deref()) {
-        (Some(at), Some(have)) if same_minute(at, have) => {}
+        (Some(at), Some(h)) if same_minute(at, h) => {}
+        // An earlier date stands (a revocation deprecated it, or another template sharing the
+        // image asks for less time): distribution never moves a deprecation later.
+        (Some(at), _) if have.is_some_and(|h| h < at) => {
+            artifact.deprecation_time = have.map(format_time);
+        }
         // The date has passed (an old image, a region added late): EC2 refuses a time in the
         // past, so one that is not in the future stands, and otherwise the next minute does.
         (Some(at), have) if at <= now => {
@@ -584,6 +593,31 @@ pub fn apply(
     });
     next.artifacts = artifacts;
     next
+}
+
+/// Whether a pass's status is worth a write: it differs in more than when it was checked, or the
+/// recorded check is older than the check interval.
+pub fn worth_writing(previous: &BakeStatus, next: &BakeStatus, interval: Duration) -> bool {
+    let unchecked = |s: &BakeStatus| {
+        let mut s = s.clone();
+        if let Some(d) = s.distribution.as_mut() {
+            d.checked_at = None;
+        }
+        s
+    };
+    if unchecked(previous) != unchecked(next) {
+        return true;
+    }
+    let at = |s: &BakeStatus| {
+        s.distribution
+            .as_ref()
+            .and_then(|d| d.checked_at.as_ref())
+            .map(|t| t.0)
+    };
+    match (at(previous), at(next)) {
+        (Some(p), Some(n)) => n.duration_since(p).unsigned_abs() >= interval,
+        _ => previous != next,
+    }
 }
 
 /// A Bake whose template no longer distributes: Ready again as its bake left it, its artifacts

@@ -514,3 +514,51 @@ fn a_copy_first_seen_available_is_tagged_whole_once_with_its_snapshots() {
     tag_snapshots_once(&mut plan, &tags, false);
     assert_eq!(plan.steps.first(), Some(&Step::Tag(tags)));
 }
+
+#[test]
+fn an_earlier_deprecation_already_in_ec2_is_never_moved_later() {
+    let d = desired_now();
+    let mut revoked = image();
+    revoked.deprecation_time = Some("2026-12-01T12:00:00.000Z".into());
+    let plan = plan_region(
+        &d,
+        "us-east-1",
+        &BTreeMap::new(),
+        None,
+        &seen(revoked, &[], &[]),
+        now(),
+    );
+    assert!(
+        !plan.steps.iter().any(|s| matches!(s, Step::Deprecate(_))),
+        "{:?}",
+        plan.steps
+    );
+    assert_eq!(
+        plan.artifact.deprecation_time.as_deref(),
+        Some("2026-12-01T12:00:00Z")
+    );
+}
+
+#[test]
+fn a_pass_that_finds_nothing_new_writes_only_for_the_periodic_check() {
+    let hour = Duration::from_secs(3600);
+    let first = apply(
+        &succeeded(),
+        vec![artifact("us-east-1", ArtifactState::Copying)],
+        "k",
+        Some(1),
+        &t(1_000),
+    );
+    let again = apply(&first, first.artifacts.clone(), "k", Some(1), &t(1_015));
+    assert!(!worth_writing(&first, &again, hour));
+    let done = apply(
+        &first,
+        vec![artifact("us-east-1", ArtifactState::Available)],
+        "k",
+        Some(1),
+        &t(1_030),
+    );
+    assert!(worth_writing(&first, &done, hour));
+    let hourly = apply(&done, done.artifacts.clone(), "k", Some(1), &t(1_030 + 3_600));
+    assert!(worth_writing(&done, &hourly, hour));
+}

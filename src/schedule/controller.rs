@@ -136,6 +136,8 @@ fn owned(ctx: &Context, namespace: &str, uid: &str) -> Vec<Owned> {
         .state()
         .iter()
         .filter(|b| b.namespace().as_deref() == Some(namespace))
+        // Being deleted (history, or by hand): no longer the schedule's to count or delete.
+        .filter(|b| b.metadata.deletion_timestamp.is_none())
         .filter(|b| {
             b.owner_references()
                 .iter()
@@ -225,7 +227,9 @@ async fn reconcile_inner(schedule: &BakeSchedule, ctx: &Context) -> Result<Actio
             }
             // Made by an earlier pass whose status did not land: the trigger is done.
             Err(kube::Error::Api(s)) if s.code == 409 && bakes.iter().any(|b| b.name == new.name) => {}
-            // Not ours (not in the cache as the schedule's): never adopt it.
+            // Ours, made by an earlier pass, the cache not showing it yet: the trigger is done.
+            Err(kube::Error::Api(s)) if s.code == 409 && made_by(&api, &new.name, &uid).await => {}
+            // Not ours: never adopt it.
             Err(kube::Error::Api(s)) if s.code == 409 => not_made(
                 &mut status,
                 schedule,
@@ -259,12 +263,19 @@ async fn reconcile_inner(schedule: &BakeSchedule, ctx: &Context) -> Result<Actio
         .map_or_else(Action::await_change, Action::requeue))
 }
 
+/// Whether Bake `name` exists and the schedule with `uid` controls it.
+async fn made_by(api: &Api<Bake>, name: &str, uid: &str) -> bool {
+    matches!(api.get_opt(name).await, Ok(Some(b)) if b.owner_references().iter().any(|o| o.uid == uid && o.controller == Some(true)))
+}
+
 /// The trigger's Bake was not made: the status says why and keeps the trigger pending.
 fn not_made(status: &mut crate::api::schedule::BakeScheduleStatus, schedule: &BakeSchedule, why: String) {
     let previous = schedule.status.as_ref();
     status.message = Some(why);
     status.last_trigger = previous.and_then(|s| s.last_trigger.clone());
     status.last_schedule_time = previous.and_then(|s| s.last_schedule_time.clone());
+    status.source_triggers = previous.and_then(|s| s.source_triggers);
+    status.last_source_trigger = previous.and_then(|s| s.last_source_trigger.clone());
 }
 
 async fn publish(

@@ -185,11 +185,7 @@ pub fn decide(f: &Facts<'_>) -> Decision {
 
     // The source trigger: the source moved past the newest image, and no trigger for this
     // source was made yet (a failed one waits for the next source or cron time).
-    let last_source_trigger = previous
-        .last_trigger
-        .as_ref()
-        .filter(|t| t.kind == SOURCE_CHANGE)
-        .and_then(|t| t.source_ami_id.clone());
+    let last_source_trigger = previous.last_source_trigger.clone();
     let source_due = source.as_ref().filter(|s| {
         spec.on_source_change
             && latest.and_then(|l| l.source_ami_id.as_deref()) != Some(s.as_str())
@@ -238,7 +234,20 @@ pub fn decide(f: &Facts<'_>) -> Decision {
     let mut create = None;
     if let Some(new) = trigger {
         let unfinished = f.bakes.iter().find(|b| !b.finished());
-        let newest = f.bakes.iter().map(|b| b.created).max();
+        // From the last trigger Baker recorded as well as the Bakes cached: a Bake deleted since
+        // (by the history limit, or by a tenant) does not reopen the interval.
+        let newest = f
+            .bakes
+            .iter()
+            .map(|b| b.created)
+            .chain(
+                previous
+                    .last_trigger
+                    .as_ref()
+                    .and_then(|t| t.at.as_ref())
+                    .map(|t| t.0),
+            )
+            .max();
         let min_interval = spec
             .min_interval_seconds
             .unwrap_or(DEFAULT_MIN_INTERVAL)
@@ -342,6 +351,7 @@ fn record(status: &mut BakeScheduleStatus, new: &NewBake, cron_due: Option<jiff:
         status.last_schedule_time = cron_due.map(time);
     } else {
         status.source_triggers = Some(status.source_triggers.unwrap_or(0) + 1);
+        status.last_source_trigger = new.trigger.source_ami_id.clone();
     }
     status.last_trigger = Some(new.trigger.clone());
 }

@@ -139,6 +139,7 @@ fn a_failed_bake_of_a_source_is_not_retried_until_the_source_or_the_clock_moves(
             ..Default::default()
         }),
         source_triggers: Some(1),
+        last_source_trigger: Some("ami-base1".into()),
         ..Default::default()
     };
     let d = decide_with(&s, Some(&tried), &failed, "ami-base1", "2026-12-02T02:00:00Z");
@@ -304,9 +305,32 @@ fn a_source_seen_again_after_a_revocation_is_a_new_trigger_with_a_new_name() {
             ..Default::default()
         }),
         source_triggers: Some(2),
+        last_source_trigger: Some("ami-base2".into()),
         ..Default::default()
     };
     let d = decide_with(&s, Some(&status), &bakes, "ami-base1", "2026-12-03T00:00:00Z");
     assert_eq!(d.create.map(|c| c.name), Some("svc-ami-base1-3".to_string()));
     assert_eq!(d.status.source_triggers, Some(3));
+}
+
+#[test]
+fn the_rate_limit_counts_from_the_last_trigger_even_when_its_bake_is_gone() {
+    let mut s = spec();
+    s.min_interval_seconds = Some(600);
+    let status = BakeScheduleStatus {
+        last_trigger: Some(ScheduleTrigger {
+            kind: SOURCE_CHANGE.into(),
+            bake: "svc-ami-base1-1".into(),
+            source_ami_id: Some("ami-base1".into()),
+            at: Some(Time(at("2026-12-02T00:00:00Z"))),
+            ..Default::default()
+        }),
+        source_triggers: Some(1),
+        last_source_trigger: Some("ami-base1".into()),
+        ..Default::default()
+    };
+    // The failed Bake was deleted by the history limit; a new source came a minute later.
+    let d = decide_with(&s, Some(&status), &[], "ami-base2", "2026-12-02T00:01:00Z");
+    assert_eq!(d.create, None);
+    assert!(d.requeue.is_some());
 }
