@@ -353,7 +353,8 @@ pub fn kube_request_labels(method: &http::Method, uri: &http::Uri) -> (&'static 
         .is_some_and(|q| q.split('&').any(|p| p == "watch=true" || p == "watch=1"));
     let verb = match *method {
         http::Method::GET if watch => "watch",
-        http::Method::GET if named => "get",
+        // Discovery (`/apis/GROUP/VERSION`) reads one document: a get, not a list.
+        http::Method::GET if named || rest.is_empty() => "get",
         http::Method::GET => "list",
         http::Method::POST => "create",
         http::Method::PUT => "update",
@@ -498,7 +499,8 @@ mod tests {
             ),
             ("GET", "/api/v1/namespaces/ns", ("get", "namespaces")),
             ("DELETE", "/api/v1/namespaces/ns/widgets/w", ("delete", "other")),
-            ("GET", "/version", ("list", "other")),
+            ("GET", "/version", ("get", "other")),
+            ("GET", "/apis/baker.io/v1alpha1", ("get", "other")),
         ];
         for (method, uri, want) in cases {
             let method: http::Method = method.parse().expect("a method");

@@ -333,6 +333,15 @@ impl Caches {
             move |bad: &InvalidObject| report_invalid(&recorder, &metrics, kind, &api_version, bad)
         };
         let any = || watcher::Config::default().any_semantic();
+        // A cluster upgraded without the BakeSchedule CRD (Helm never adds CRDs on upgrade) must
+        // still bake: its cache counts as synced and empty, and the operator says what to do.
+        let schedules_served = serves(&client, "bakeschedules").await;
+        if !schedules_served {
+            tracing::error!(
+                "the API server does not serve bakeschedules.baker.io: BakeSchedules are off until the CRD is applied (kubectl apply -f crds/)"
+            );
+            mark();
+        }
         tokio::join!(
             self.bakes.run(
                 scoped(&client, namespace),
@@ -362,14 +371,31 @@ impl Caches {
                 mark,
                 report("AmiCatalog", AmiCatalog::api_version(&()).into())
             ),
-            self.schedules.run(
-                scoped(&client, namespace),
-                any(),
-                None,
-                mark,
-                report("BakeSchedule", BakeSchedule::api_version(&()).into())
-            ),
+            async {
+                if schedules_served {
+                    self.schedules
+                        .run(
+                            scoped(&client, namespace),
+                            any(),
+                            None,
+                            mark,
+                            report("BakeSchedule", BakeSchedule::api_version(&()).into()),
+                        )
+                        .await;
+                }
+            },
         );
+    }
+}
+
+/// Whether the API server serves `resource` of Baker's group. Unsure (the API server cannot be
+/// asked) counts as served: the watch then waits and retries as for any other kind.
+async fn serves(client: &Client, resource: &str) -> bool {
+    let version = format!("{}/v1alpha1", crate::api::GROUP);
+    match client.list_api_group_resources(&version).await {
+        Ok(list) => list.resources.iter().any(|r| r.name == resource),
+        Err(kube::Error::Api(s)) if s.code == 404 => false,
+        Err(_) => true,
     }
 }
 
