@@ -274,16 +274,12 @@ async fn serve_region(
     };
     let mut done = Vec::new();
     for step in plan.steps {
-        let result = act(
-            ctx,
-            &desired.build_region,
+        let source = Source {
+            region: &desired.build_region,
             image,
-            region,
-            &step,
-            &mut target,
-            &snapshots,
-        )
-        .await;
+            tags,
+        };
+        let result = act(ctx, &source, region, &step, &mut target, &snapshots).await;
         artifact.image_id.clone_from(&target);
         if let Err(e) = result {
             warn!(region, error = %e, "a distribution step failed");
@@ -338,10 +334,16 @@ async fn observe(
     })))
 }
 
+/// The image being distributed, where it is, and the tags its copies carry.
+struct Source<'a> {
+    region: &'a str,
+    image: &'a ImageSummary,
+    tags: &'a BTreeMap<String, String>,
+}
+
 async fn act(
     ctx: &Context,
-    source_region: &str,
-    image: &ImageSummary,
+    source: &Source<'_>,
     region: &str,
     step: &Step,
     target: &mut Option<String>,
@@ -349,14 +351,14 @@ async fn act(
 ) -> std::result::Result<(), Ec2Error> {
     match step {
         Step::Copy { kms_key_id } => {
-            let tags = dist::copy_tags(image);
+            let image = source.image;
             let description = dist::copy_description(image);
             let request = dist::ec2::CopyRequest {
-                tags: &tags,
+                tags: source.tags,
                 description: &description,
                 kms_key_id: kms_key_id.as_deref(),
             };
-            let id = ctx.ec2.copy_image(region, source_region, image, &request).await?;
+            let id = ctx.ec2.copy_image(region, source.region, image, &request).await?;
             info!(image = %image.image_id, copy = %id, region, "copying the image");
             failpoint::hit(failpoint::COPY_REQUESTED);
             *target = Some(id);
