@@ -4,19 +4,26 @@ SHELL := bash
 .DEFAULT_GOAL := help
 RIG := tests/rig/rig.sh
 
-.PHONY: help rig-up rig-down rig-status test bench bench-ci faults lint fmt-check clippy fmt crds chart-crds demo demo-down demo-two-pass demo-two-pass-down
+.PHONY: help rig-up rig-real-node rig-down rig-status images test bench bench-ci faults lint fmt-check clippy fmt crds chart-crds demo demo-down demo-two-pass demo-two-pass-down
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  %-12s %s\n", $$1, $$2 }'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{ printf "  %-14s %s\n", $$1, $$2 }'
 
 rig-up: ## start the local rig on 127.0.0.1 (builds the control plane once per machine); state in target/rig
 	$(RIG) up
+
+rig-real-node: ## add the real node (kubelet, containerd, runc) to the rig, running the images of `make images`
+	@[ -s target/images/operator.oci.tar ] && [ -s target/images/bake.oci.tar ] || images/build.sh
+	$(RIG) real-node
 
 rig-down: ## stop exactly what rig-up started and remove its state
 	$(RIG) down
 
 rig-status: ## show the rig's processes and ports
 	$(RIG) status
+
+images: ## build the operator and bake images from Debian packages (mmdebstrap, umoci; no registry): OCI archives in target/images
+	images/build.sh
 
 test: ## all tests against the rig (brought up, and down at the end, if it was not up); ONLY=<filter> runs just the e2e tests matching it
 	tests/rig/run-tests.sh

@@ -100,6 +100,13 @@ fn main() -> ExitCode {
 }
 
 fn sizes(size: Size) -> Sizes {
+    let budget = |default: u64| {
+        let secs = std::env::var("BAKER_BENCH_QUEUE_BUDGET_SECONDS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default);
+        std::time::Duration::from_secs(secs)
+    };
     match size {
         Size::Full => Sizes {
             n: 10,
@@ -107,6 +114,7 @@ fn sizes(size: Size) -> Sizes {
             l: 100,
             q: 1_000,
             small: false,
+            queue_budget: budget(20 * 60),
         },
         Size::Small => Sizes {
             n: 3,
@@ -114,6 +122,7 @@ fn sizes(size: Size) -> Sizes {
             l: 20,
             q: 50,
             small: true,
+            queue_budget: budget(10 * 60),
         },
     }
 }

@@ -13,11 +13,14 @@ use aws_sdk_ec2::types::{Filter, Image};
 
 use crate::api::{ImageFilter, VirtualizationType};
 
-/// An EC2 failure, with the AWS error code when EC2 answered (e.g. `UnauthorizedOperation`),
-/// or a transport description when it did not; the SDK's own error is kept as the source.
+/// An EC2 (or SSM) failure, with the AWS error code when AWS answered (e.g.
+/// `UnauthorizedOperation`), or a transport description when it did not; the SDK's own error is
+/// kept as the source.
 #[derive(Debug, thiserror::Error, Clone)]
-#[error("EC2 {action} failed: {code}: {message}")]
+#[error("{service} {action} failed: {code}: {message}")]
 pub struct Ec2Error {
+    /// `EC2` or `SSM`.
+    pub service: &'static str,
     pub action: &'static str,
     pub code: String,
     pub message: String,
@@ -28,7 +31,8 @@ pub struct Ec2Error {
 /// Equal when they say the same thing: the SDK's error behind it is not comparable.
 impl PartialEq for Ec2Error {
     fn eq(&self, other: &Self) -> bool {
-        (self.action, &self.code, &self.message) == (other.action, &other.code, &other.message)
+        (self.service, self.action, &self.code, &self.message)
+            == (other.service, other.action, &other.code, &other.message)
     }
 }
 
@@ -38,6 +42,7 @@ impl Ec2Error {
     /// An error of `action` with this code and message and no SDK error behind it.
     pub fn new(action: &'static str, code: impl Into<String>, message: impl Into<String>) -> Self {
         Ec2Error {
+            service: "EC2",
             action,
             code: code.into(),
             message: message.into(),
@@ -50,17 +55,30 @@ impl Ec2Error {
         E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
         R: std::fmt::Debug + Send + Sync + 'static,
     {
+        Self::from_sdk_of("EC2", action, err)
+    }
+
+    /// The same for a call to another AWS service (`service` names it in messages).
+    pub(crate) fn from_sdk_of<E, R>(
+        service: &'static str,
+        action: &'static str,
+        err: aws_sdk_ec2::error::SdkError<E, R>,
+    ) -> Self
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+        R: std::fmt::Debug + Send + Sync + 'static,
+    {
         use aws_sdk_ec2::error::SdkError;
         let (code, message) = match &err {
             SdkError::ServiceError(e) => (
                 e.err().code().unwrap_or("Unknown").to_string(),
                 e.err().message().unwrap_or("").to_string(),
             ),
-            SdkError::TimeoutError(_) => ("Timeout".to_string(), "no answer from EC2 in time".to_string()),
+            SdkError::TimeoutError(_) => ("Timeout".to_string(), format!("no answer from {service} in time")),
             SdkError::DispatchFailure(e) => (
                 "Unreachable".to_string(),
                 if e.is_io() {
-                    "cannot connect to the EC2 endpoint".to_string()
+                    format!("cannot connect to the {service} endpoint")
                 } else {
                     format!("{e:?}")
                 },
@@ -72,6 +90,7 @@ impl Ec2Error {
             ),
         };
         Ec2Error {
+            service,
             action,
             code,
             message,
@@ -186,10 +205,37 @@ pub fn source_filters(filter: &ImageFilter, virtualization: VirtualizationType) 
     filters
 }
 
+/// How long one AWS call may take: a connection that stops answering is abandoned and the call
+/// retried (within the operation's bound) on a new one, instead of holding a reconcile forever.
+pub(crate) fn timeouts() -> aws_sdk_ec2::config::timeout::TimeoutConfig {
+    aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .operation_attempt_timeout(Duration::from_secs(20))
+        .operation_timeout(Duration::from_secs(60))
+        .build()
+}
+
+/// Clients of one AWS service, one per region, each made on first use.
+pub(crate) struct Regional<C>(Mutex<HashMap<String, C>>);
+
+impl<C: Clone> Default for Regional<C> {
+    fn default() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+}
+
+impl<C: Clone> Regional<C> {
+    pub(crate) fn get(&self, region: &str, make: impl FnOnce() -> C) -> C {
+        // A panic elsewhere while holding the lock leaves a usable map.
+        let mut clients = self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        clients.entry(region.to_string()).or_insert_with(make).clone()
+    }
+}
+
 /// EC2 clients, one per region, sharing one credential chain and endpoint configuration.
 pub struct Ec2 {
     base: aws_config::SdkConfig,
-    clients: Mutex<HashMap<String, aws_sdk_ec2::Client>>,
+    clients: Regional<aws_sdk_ec2::Client>,
     metrics: std::sync::Arc<crate::metrics::Metrics>,
 }
 
@@ -203,7 +249,7 @@ impl Ec2 {
     pub fn new(base: aws_config::SdkConfig) -> Self {
         Self {
             base,
-            clients: Mutex::new(HashMap::new()),
+            clients: Regional::default(),
             metrics: std::sync::Arc::default(),
         }
     }
@@ -214,31 +260,14 @@ impl Ec2 {
     }
 
     pub fn client(&self, region: &str) -> aws_sdk_ec2::Client {
-        let mut clients = match self.clients.lock() {
-            Ok(guard) => guard,
-            // A panic elsewhere while holding the lock leaves a usable map.
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        clients
-            .entry(region.to_string())
-            .or_insert_with(|| {
-                let config = aws_sdk_ec2::config::Builder::from(&self.base)
-                    .region(aws_sdk_ec2::config::Region::new(region.to_string()))
-                    // Every EC2 call ends in bounded time: a connection that stops answering is
-                    // abandoned and the call retried (within the operation's bound) on a new one,
-                    // instead of holding a reconcile forever.
-                    .timeout_config(
-                        aws_sdk_ec2::config::timeout::TimeoutConfig::builder()
-                            .connect_timeout(Duration::from_secs(5))
-                            .operation_attempt_timeout(Duration::from_secs(20))
-                            .operation_timeout(Duration::from_secs(60))
-                            .build(),
-                    )
-                    .interceptor(CallMetrics(self.metrics.clone()))
-                    .build();
-                aws_sdk_ec2::Client::from_conf(config)
-            })
-            .clone()
+        self.clients.get(region, || {
+            let config = aws_sdk_ec2::config::Builder::from(&self.base)
+                .region(aws_sdk_ec2::config::Region::new(region.to_string()))
+                .timeout_config(timeouts())
+                .interceptor(CallMetrics(self.metrics.clone()))
+                .build();
+            aws_sdk_ec2::Client::from_conf(config)
+        })
     }
 
     async fn describe(
@@ -418,7 +447,17 @@ impl Ec2 {
                 .into_paginator()
                 .send();
             while let Some(page) = pages.next().await {
-                let page = page.map_err(|e| Ec2Error::from_sdk("DescribeLaunchTemplateVersions", e))?;
+                let page = match page {
+                    Ok(page) => page,
+                    Err(e) => {
+                        let e = Ec2Error::from_sdk("DescribeLaunchTemplateVersions", e);
+                        // Deleted since it was listed: it names no image any more.
+                        if e.code == "InvalidLaunchTemplateId.NotFound" {
+                            break;
+                        }
+                        return Err(e);
+                    }
+                };
                 for version in page.launch_template_versions() {
                     if let Some(image) = version.launch_template_data().and_then(|d| d.image_id()) {
                         uses.entry(image.to_string()).or_insert_with(|| {
@@ -457,7 +496,7 @@ impl Ec2 {
 
 /// Counts every EC2 operation (after its retries) and its failures by action, in one place for
 /// all calls the operator makes.
-struct CallMetrics(std::sync::Arc<crate::metrics::Metrics>);
+pub(crate) struct CallMetrics(pub(crate) std::sync::Arc<crate::metrics::Metrics>);
 
 impl std::fmt::Debug for CallMetrics {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

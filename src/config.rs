@@ -105,6 +105,32 @@ pub struct OperatorConfig {
     /// `minIntervalSeconds` says: a tenant's schedule cannot make Bakes faster than this.
     #[arg(long, env = "BAKER_SCHEDULE_MIN_INTERVAL_SECONDS", default_value_t = 60)]
     pub schedule_min_interval_seconds: i64,
+
+    /// The SSM path under which a namespace's AmiChannels may publish parameters:
+    /// `{namespace}` stands for the channel's namespace. It must start and end with `/` and
+    /// contain `{namespace}`, so that no namespace can write another's parameters.
+    #[arg(long, env = "BAKER_CHANNEL_SSM_PREFIX", default_value = DEFAULT_SSM_PREFIX, value_parser = ssm_prefix)]
+    pub channel_ssm_prefix: String,
+
+    /// Seconds between the operator's checks that an AmiChannel's SSM parameters and launch
+    /// templates still hold its image (one or two AWS reads per target); a changed channel is
+    /// published at once.
+    #[arg(long, env = "BAKER_CHANNEL_CHECK_SECONDS", default_value_t = 3600)]
+    pub channel_check_seconds: u64,
+}
+
+/// The default of `--channel-ssm-prefix`.
+pub const DEFAULT_SSM_PREFIX: &str = "/baker/{namespace}/";
+
+/// Checks `--channel-ssm-prefix`.
+fn ssm_prefix(value: &str) -> Result<String, String> {
+    if !value.starts_with('/') || !value.ends_with('/') {
+        return Err("the SSM prefix must start and end with '/'".into());
+    }
+    if !value.contains("{namespace}") {
+        return Err("the SSM prefix must contain {namespace}: otherwise every namespace could write the same parameters".into());
+    }
+    Ok(value.to_string())
 }
 
 /// Whose objects a tenant-facing feature may act on.
@@ -155,6 +181,8 @@ impl Default for OperatorConfig {
             pod_create_attempts: 3,
             distribution_check_seconds: 3600,
             schedule_min_interval_seconds: 60,
+            channel_ssm_prefix: DEFAULT_SSM_PREFIX.to_string(),
+            channel_check_seconds: 3600,
         }
     }
 }

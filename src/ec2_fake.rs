@@ -1950,6 +1950,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn launch_template_images_skips_a_template_deleted_after_it_was_listed() {
+        let fake = FakeEc2::new();
+        fake.add_launch_template(REGION, "lt-1", "gone", &[Some("ami-a")]);
+        fake.add_launch_template(REGION, "lt-2", "kept", &[Some("ami-b")]);
+        let gone = FakeError::new(
+            "InvalidLaunchTemplateId.NotFound",
+            "The specified launch template, with template ID lt-1, does not exist.",
+            400,
+        );
+        fake.fail_next("DescribeLaunchTemplateVersions", 1, gone);
+
+        let uses = fake
+            .ec2()
+            .launch_template_images(REGION)
+            .await
+            .expect("a template deleted mid-scan is no error");
+
+        assert_eq!(
+            uses,
+            BTreeMap::from([(
+                "ami-b".to_string(),
+                "named by launch template kept version 1".to_string()
+            )])
+        );
+    }
+
+    #[tokio::test]
+    async fn launch_template_images_fails_on_any_other_error() {
+        let fake = FakeEc2::new();
+        fake.add_launch_template(REGION, "lt-1", "web", &[Some("ami-a")]);
+        let denied = FakeError::new("UnauthorizedOperation", "You are not authorized.", 403);
+        fake.fail_always("DescribeLaunchTemplateVersions", denied);
+
+        let err = fake
+            .ec2()
+            .launch_template_images(REGION)
+            .await
+            .expect_err("a refusal stops the scan");
+
+        assert_eq!(err.code, "UnauthorizedOperation");
+    }
+
+    #[tokio::test]
     async fn bases_among_reports_images_whose_source_tag_names_one_of_the_ids() {
         let fake = FakeEc2::new();
         fake.add_image(REGION, FakeImage::new("ami-base", "base", &day(1)));

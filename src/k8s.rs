@@ -176,6 +176,18 @@ pub fn retry_after(error: &impl ReconcileError) -> Action {
     }
 }
 
+/// [`publish`] about one of Baker's objects.
+pub async fn publish_about<K: Resource<DynamicType = ()>>(
+    recorder: &Recorder,
+    obj: &K,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: &str,
+) {
+    publish(recorder, &obj.object_ref(&()), type_, reason, action, note).await;
+}
+
 /// Publishes an Event about `regarding`, best effort: a failure to record one is logged and must
 /// never fail the reconcile. kube's recorder folds Events with equal reason and action into one
 /// series (keeping the first note), so callers that need one Event per thing put it in `action`.

@@ -8,6 +8,7 @@ pub mod api;
 pub mod aws;
 pub mod bake;
 pub mod catalog;
+pub mod channel;
 pub mod cli;
 pub mod config;
 pub mod distribution;

@@ -160,12 +160,12 @@ impl Metrics {
         );
         registry.register(
             "ec2_calls",
-            "EC2 API calls made by the operator, by action",
+            "EC2 API calls made by the operator (and the SSM calls of AmiChannels), by action",
             m.ec2_calls.clone(),
         );
         registry.register(
             "ec2_errors",
-            "EC2 API calls that failed, by action",
+            "EC2 (and SSM) API calls that failed, by action",
             m.ec2_errors.clone(),
         );
         registry.register(
@@ -314,11 +314,12 @@ pub fn count_phases<'a>(bakes: impl IntoIterator<Item = &'a Bake>) -> [i64; 5] {
 /// An EC2 action name as a label: the SDK's operation names are a fixed set of identifiers;
 /// anything else (which should not happen) collapses into `other`.
 /// The resources Baker reads or writes; any other counts as `other`, so labels stay bounded.
-const KUBE_RESOURCES: [&str; 11] = [
+const KUBE_RESOURCES: [&str; 12] = [
     "bakes",
     "baketemplates",
     "amicatalogs",
     "bakeschedules",
+    "amichannels",
     "pods",
     "configmaps",
     "events",

@@ -195,7 +195,7 @@ pub async fn run(
     if !serve.leader_election {
         health.set_role(Role::Single);
         return tokio::select! {
-            _ = run_controllers(ctx, catalogs, &caches) => Ok(()),
+            _ = run_controllers(&aws, ctx, catalogs, &caches) => Ok(()),
             _ = &mut cached => Ok(()),
             e = &mut server_failed => Err(e),
         };
@@ -224,7 +224,7 @@ pub async fn run(
     }
     info!(identity = %elector.identity(), "leading: starting the controllers");
     tokio::select! {
-        _ = run_controllers(ctx, catalogs, &caches) => {
+        _ = run_controllers(&aws, ctx, catalogs, &caches) => {
             elector.release().await;
             Ok(())
         }
@@ -240,6 +240,7 @@ pub async fn run(
 /// The controllers in one process, on the process's shared caches (already running, or about
 /// to); each stops on the shutdown signal.
 async fn run_controllers(
+    aws: &aws_config::SdkConfig,
     bakes: Arc<Context>,
     catalogs: Arc<crate::catalog::controller::Context>,
     caches: &Caches,
@@ -251,7 +252,23 @@ async fn run_controllers(
         bakes.config.schedule_min_interval_seconds,
     ));
     let schedule_controller = crate::schedule::controller::run(schedules, caches);
+    let channels = Arc::new(crate::channel::controller::Context {
+        client: bakes.client.clone(),
+        recorder: crate::k8s::recorder(&bakes.client),
+        metrics: bakes.health.metrics.clone(),
+        stores: caches.stores(),
+        ec2: Ec2::new(aws.clone()).with_metrics(bakes.health.metrics.clone()),
+        ssm: crate::channel::publish::Ssm::new(aws.clone(), bakes.health.metrics.clone()),
+        ssm_prefix: bakes.config.channel_ssm_prefix.clone(),
+        check_interval: Duration::from_secs(bakes.config.channel_check_seconds.max(1)),
+    });
+    let channel_controller = crate::channel::controller::run(channels, caches);
     let bake_controller = controller::run(bakes, caches);
     let catalog_controller = crate::catalog::controller::run(catalogs, caches);
-    tokio::join!(bake_controller, catalog_controller, schedule_controller);
+    tokio::join!(
+        bake_controller,
+        catalog_controller,
+        schedule_controller,
+        channel_controller
+    );
 }

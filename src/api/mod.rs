@@ -5,6 +5,7 @@
 
 pub mod bake;
 pub mod catalog;
+pub mod channel;
 pub mod conditions;
 #[cfg(test)]
 mod drift_tests;
@@ -46,6 +47,12 @@ pub mod keys {
     /// On an image: the regions Baker copies it to, comma separated, written before each copy
     /// so that retention and a restarted operator know where to look.
     pub const COPIED_TO: &str = "baker.io/copied-to";
+    /// On a launch template: the namespaces (comma separated) whose AmiChannels may publish new
+    /// versions of it. Set by whoever administers the account; Baker only reads it.
+    pub const PUBLISH_NAMESPACE: &str = "baker.io/publish-namespace";
+    /// On an SSM parameter: the AmiChannel (`namespace/name`) that publishes it; no other channel
+    /// overwrites it.
+    pub const CHANNEL: &str = "baker.io/channel";
     /// Pod label naming the Bake that owns it.
     pub const BAKE_NAME_LABEL: &str = "baker.io/bake";
     pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
@@ -59,6 +66,7 @@ pub fn crds() -> Vec<CustomResourceDefinition> {
         Bake::crd(),
         AmiCatalog::crd(),
         schedule::BakeSchedule::crd(),
+        channel::AmiChannel::crd(),
     ]
 }
 

@@ -18,6 +18,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 
+use crate::api::channel::AmiChannel;
 use crate::api::schedule::BakeSchedule;
 use crate::api::{AmiCatalog, Bake, BakeTemplate, keys};
 use crate::http::Health;
@@ -274,11 +275,22 @@ pub struct Caches {
     pub templates: Shared<BakeTemplate>,
     pub catalogs: Shared<AmiCatalog>,
     pub schedules: Shared<BakeSchedule>,
+    pub channels: Shared<AmiChannel>,
     gate: SyncGate,
 }
 
+/// The resources the caches list and watch: a restarted operator lists each once.
+pub const WATCHED: [&str; 6] = [
+    "bakes",
+    "pods",
+    "baketemplates",
+    "amicatalogs",
+    "bakeschedules",
+    "amichannels",
+];
+
 /// How many caches [`Caches::run`] fills.
-const CACHES: usize = 5;
+const CACHES: usize = WATCHED.len();
 
 impl Default for Caches {
     fn default() -> Self {
@@ -294,6 +306,7 @@ impl Caches {
             templates: Shared::default(),
             catalogs: Shared::default(),
             schedules: Shared::default(),
+            channels: Shared::default(),
             gate: SyncGate::new(CACHES),
         }
     }
@@ -308,7 +321,7 @@ impl Caches {
         }
     }
 
-    /// Runs every watch until dropped. Bakes, pods, AmiCatalogs and BakeSchedules are watched in
+    /// Runs every watch until dropped. Bakes, pods, AmiCatalogs, BakeSchedules and AmiChannels are watched in
     /// `namespace` (or everywhere); BakeTemplates are cluster-scoped. Marks `health` synced once every cache is.
     /// An object that cannot be read is reported (log, metric and a Warning Event on it).
     pub async fn run(&self, client: Client, namespace: Option<&str>, health: Arc<Health>) {
@@ -333,15 +346,24 @@ impl Caches {
             move |bad: &InvalidObject| report_invalid(&recorder, &metrics, kind, &api_version, bad)
         };
         let any = || watcher::Config::default().any_semantic();
-        // A cluster upgraded without the BakeSchedule CRD (Helm never adds CRDs on upgrade) must
-        // still bake: its cache counts as synced and empty, and the operator says what to do.
-        let schedules_served = serves(&client, "bakeschedules").await;
-        if !schedules_served {
-            tracing::error!(
-                "the API server does not serve bakeschedules.baker.io: BakeSchedules are off until the CRD is applied (kubectl apply -f crds/)"
-            );
-            mark();
-        }
+        // A cluster upgraded without the newer CRDs (Helm never adds CRDs on upgrade) must still
+        // bake: such a cache counts as synced and empty, and the operator says what to do.
+        let served = |resource: &'static str| {
+            let client = client.clone();
+            let mark = &mark;
+            async move {
+                let served = serves(&client, resource).await;
+                if !served {
+                    tracing::error!(
+                        "the API server does not serve {resource}.baker.io: they are off until the CRD is applied (kubectl apply -f crds/)"
+                    );
+                    mark();
+                }
+                served
+            }
+        };
+        let schedules_served = served("bakeschedules").await;
+        let channels_served = served("amichannels").await;
         tokio::join!(
             self.bakes.run(
                 scoped(&client, namespace),
@@ -371,20 +393,40 @@ impl Caches {
                 mark,
                 report("AmiCatalog", AmiCatalog::api_version(&()).into())
             ),
-            async {
-                if schedules_served {
-                    self.schedules
-                        .run(
-                            scoped(&client, namespace),
-                            any(),
-                            None,
-                            mark,
-                            report("BakeSchedule", BakeSchedule::api_version(&()).into()),
-                        )
-                        .await;
-                }
-            },
+            optional(
+                schedules_served,
+                &self.schedules,
+                scoped(&client, namespace),
+                any(),
+                mark,
+                report("BakeSchedule", BakeSchedule::api_version(&()).into()),
+            ),
+            optional(
+                channels_served,
+                &self.channels,
+                scoped(&client, namespace),
+                any(),
+                mark,
+                report("AmiChannel", AmiChannel::api_version(&()).into()),
+            ),
         );
+    }
+}
+
+/// The watch of a kind whose CRD may be missing: nothing when the API server does not serve it
+/// (its cache counts as synced already).
+async fn optional<K>(
+    served: bool,
+    shared: &Shared<K>,
+    api: Api<DeserializeGuard<K>>,
+    config: watcher::Config,
+    synced: impl Fn(),
+    invalid: impl Fn(&InvalidObject),
+) where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+{
+    if served {
+        shared.run(api, config, None, synced, invalid).await;
     }
 }
 
@@ -425,6 +467,7 @@ impl Caches {
         fill(&caches.templates, templates);
         fill(&caches.catalogs, catalogs);
         fill(&caches.schedules, Vec::new());
+        fill(&caches.channels, Vec::new());
         for _ in 0..CACHES {
             caches.gate.mark();
         }

@@ -215,13 +215,13 @@ async fn reconcile_inner(schedule: &BakeSchedule, ctx: &Context) -> Result<Actio
         match api.create(&params, &bake).await {
             Ok(_) => {
                 info!(bake = %new.name, kind = %new.trigger.kind, "the schedule made a Bake");
-                publish(
-                    ctx,
+                crate::k8s::publish_about(
+                    &ctx.recorder,
                     schedule,
                     EventType::Normal,
                     "Triggered",
                     &new.trigger.kind,
-                    format!("{}: created Bake {}", new.trigger.message, new.name),
+                    &format!("{}: created Bake {}", new.trigger.message, new.name),
                 )
                 .await;
             }
@@ -276,18 +276,6 @@ fn not_made(status: &mut crate::api::schedule::BakeScheduleStatus, schedule: &Ba
     status.last_schedule_time = previous.and_then(|s| s.last_schedule_time.clone());
     status.source_triggers = previous.and_then(|s| s.source_triggers);
     status.last_source_trigger = previous.and_then(|s| s.last_source_trigger.clone());
-}
-
-async fn publish(
-    ctx: &Context,
-    schedule: &BakeSchedule,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let regarding = schedule.object_ref(&());
-    crate::k8s::publish(&ctx.recorder, &regarding, type_, reason, action, &note).await;
 }
 
 fn error_policy(_s: Arc<BakeSchedule>, error: &Error, _ctx: Arc<Context>) -> Action {

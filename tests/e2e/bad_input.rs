@@ -137,6 +137,11 @@ fn api_for(
             namespace,
             &ApiResource::erase::<baker::api::schedule::BakeSchedule>(&()),
         ),
+        "AmiChannel" => Api::namespaced_with(
+            client.clone(),
+            namespace,
+            &ApiResource::erase::<baker::api::channel::AmiChannel>(&()),
+        ),
         other => bail!("the corpus names kind {other:?}, which is not Baker's"),
     };
     Ok((api, object))

@@ -5,7 +5,6 @@
 //! RBAC comments) is checked in `src/api/drift_tests.rs`.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -18,34 +17,20 @@ use serde::Deserialize;
 
 use crate::support::bake::*;
 use crate::support::ship::*;
-use crate::support::{CmdOutput, Rig, TestNamespace, rig};
-
-fn chart_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/baker")
-}
-
-async fn helm<I, S>(rig: &Rig, args: I) -> Result<CmdOutput>
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<std::ffi::OsStr>,
-{
-    let mut cmd = rig.command(rig.bin_dir().join("helm"));
-    cmd.env("KUBECONFIG", rig.kubeconfig_path()).args(args);
-    crate::support::run(cmd).await
-}
+use crate::support::{CmdOutput, Rig, TestNamespace, chart_dir, rig};
 
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs the rig: make test"]
 async fn chart_lints_strictly_and_renders_without_warnings_or_wildcards() -> Result<()> {
     let rig = rig();
     let dir = chart_dir();
-    let lint = helm(rig, ["lint", "--strict", &dir.to_string_lossy()])
+    let lint = rig
+        .helm(["lint", "--strict", &dir.to_string_lossy()])
         .await?
         .ok()?;
     assert!(!lint.stdout.contains("[WARNING]"), "{}", lint.stdout);
-    let rendered = helm(
-        rig,
-        [
+    let rendered = rig
+        .helm([
             "template",
             "baker",
             &dir.to_string_lossy(),
@@ -53,10 +38,9 @@ async fn chart_lints_strictly_and_renders_without_warnings_or_wildcards() -> Res
             "serviceMonitor.enabled=true",
             "--set",
             "bakeNamespaces={team-a,team-b}",
-        ],
-    )
-    .await?
-    .ok()?;
+        ])
+        .await?
+        .ok()?;
     assert!(rendered.stderr.trim().is_empty(), "{}", rendered.stderr);
     let mut roles = 0;
     for doc in serde_yaml::Deserializer::from_str(&rendered.stdout) {
@@ -82,17 +66,15 @@ async fn chart_lints_strictly_and_renders_without_warnings_or_wildcards() -> Res
     // The ClusterRole, one Role per bake namespace, and the leader-election Role.
     assert_eq!(roles, 4, "{}", rendered.stdout);
     // Without a bake namespace the chart refuses to render.
-    let none = helm(
-        rig,
-        [
+    let none = rig
+        .helm([
             "template",
             "baker",
             &dir.to_string_lossy(),
             "--set",
             "bakeNamespaces=null",
-        ],
-    )
-    .await?;
+        ])
+        .await?;
     assert!(!none.success(), "rendered without bakeNamespaces");
     Ok(())
 }
@@ -147,7 +129,7 @@ async fn two_operators_run_as_the_chart_deployment_says_with_only_its_service_ac
     for s in set {
         args.extend(["--set".to_string(), s]);
     }
-    let install = helm(rig, &args).await?;
+    let install = rig.helm(&args).await?;
     let result = match check_installed(
         rig,
         &bake_ns,
@@ -167,7 +149,7 @@ async fn two_operators_run_as_the_chart_deployment_says_with_only_its_service_ac
         }
         Err(e) => Err(e),
     };
-    helm(rig, ["uninstall", &release, "--namespace", &release]).await?;
+    rig.helm(["uninstall", &release, "--namespace", &release]).await?;
     result?;
     release_ns.cleanup().await?;
     other_ns.cleanup().await

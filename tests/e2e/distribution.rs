@@ -63,6 +63,51 @@ fn ec2_in(rig: &Rig, region: &str) -> aws_sdk_ec2::Client {
     aws_sdk_ec2::Client::from_conf(config)
 }
 
+/// What the SSM parameter `name` holds in `region`, if it exists.
+async fn parameter_in(rig: &Rig, region: &str, name: &str) -> Result<Option<String>> {
+    let config = rig
+        .ssm()
+        .config()
+        .to_builder()
+        .region(aws_sdk_ssm::config::Region::new(region.to_string()))
+        .build();
+    match aws_sdk_ssm::Client::from_conf(config)
+        .get_parameter()
+        .name(name)
+        .send()
+        .await
+    {
+        Ok(out) => Ok(out.parameter().and_then(|p| p.value()).map(str::to_string)),
+        Err(e) if e.as_service_error().is_some_and(|e| e.is_parameter_not_found()) => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Waits until the channel has published `param` in every region of the Bake's artifacts, each
+/// with that region's image.
+async fn wait_published_everywhere(rig: &Rig, ns: &TestNamespace, bake: &Bake, param: &str) -> Result<()> {
+    let artifacts = bake
+        .status
+        .as_ref()
+        .map(|s| s.artifacts.clone())
+        .unwrap_or_default();
+    let channels: Api<baker::api::channel::AmiChannel> = ns.api();
+    crate::channel::wait_channel_condition(&channels, "svc", "Ready", "True", "Published").await?;
+    crate::support::try_wait_until(
+        Duration::from_secs(60),
+        &format!("{param} in {} regions", artifacts.len()),
+        || async {
+            for a in &artifacts {
+                if parameter_in(rig, &a.region, param).await? != a.image_id {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
+    )
+    .await
+}
+
 /// This account's images in `region` named `name`.
 async fn named(rig: &Rig, region: &str, name: &str) -> Result<Vec<Image>> {
     let out = ec2_in(rig, region)
@@ -250,6 +295,20 @@ async fn a_distributed_bake_is_ready_everywhere_grows_to_a_new_region_without_pa
         get.stdout
     );
 
+    // A channel pinned to the image publishes it in every region it was copied to. (Pinned: the
+    // module's other tests bake the same service in other namespaces, so a catalog's newest
+    // image may be theirs.)
+    apply_catalog(&ns.api(), "svc", "service: svc\nrefreshIntervalSeconds: 10").await?;
+    let param = format!("/baker/{}/svc/ami", ns.name());
+    let ami = status.ami_id.clone().context("the Bake's image")?;
+    crate::channel::apply_channel(
+        &ns.api(),
+        "svc",
+        &format!("catalog: svc\nimageId: {ami}\npublish:\n  ssmParameters: [{param}]"),
+    )
+    .await?;
+    wait_published_everywhere(rig, &ns, &bake, &param).await?;
+
     // A third region: copied from the existing image, no second packer run.
     let started = status.started_at.clone();
     apply_template_yaml(
@@ -262,6 +321,8 @@ async fn a_distributed_bake_is_ready_everywhere_grows_to_a_new_region_without_pa
     ensure!(grown.status.as_ref().and_then(|s| s.started_at.clone()) == started);
     ensure!(grown.status.as_ref().and_then(|s| s.ami_id.clone()) == status.ami_id);
     check_artifacts(rig, &grown).await?;
+    // The channel follows the image to its new region.
+    wait_published_everywhere(rig, &ns, &grown, &param).await?;
 
     // Unshared by hand in one region: put back at the next check, with an Event.
     let copy = grown

@@ -196,12 +196,7 @@ async fn restart_with_300_finished_bakes_writes_nothing_and_lists_each_kind_once
 
     other_namespaces_gone(&client, ns.name()).await?;
     let before = writes(rig).await?;
-    let lists_before = requests(
-        rig,
-        &["LIST"],
-        &["bakes", "pods", "baketemplates", "amicatalogs", "bakeschedules"],
-    )
-    .await?;
+    let lists_before = requests(rig, &["LIST"], &baker::bake::watch::WATCHED).await?;
     let bake_lists_before = requests(rig, &["LIST"], &["bakes"]).await?;
     let started = Instant::now();
     let restarted = Operator::start(rig, ns.name()).await?;
@@ -230,16 +225,10 @@ async fn restart_with_300_finished_bakes_writes_nothing_and_lists_each_kind_once
     .await?;
     let ready = started.elapsed();
     let after = writes(rig).await?;
-    let lists = requests(
-        rig,
-        &["LIST"],
-        &["bakes", "pods", "baketemplates", "amicatalogs", "bakeschedules"],
-    )
-    .await?
-        - lists_before;
+    let lists = requests(rig, &["LIST"], &baker::bake::watch::WATCHED).await? - lists_before;
     let bake_lists = requests(rig, &["LIST"], &["bakes"]).await? - bake_lists_before;
     eprintln!(
-        "restarted operator reviewed {BAKES} finished Bakes in {ready:.2?} with {} writes, {bake_lists} LIST of Bakes and {lists} LISTs in all (Bakes, pods, BakeTemplates, AmiCatalogs, BakeSchedules)",
+        "restarted operator reviewed {BAKES} finished Bakes in {ready:.2?} with {} writes, {bake_lists} LIST of Bakes and {lists} LISTs in all (Bakes, pods, BakeTemplates, AmiCatalogs, BakeSchedules, AmiChannels)",
         after - before
     );
     // One shared watch per kind serves both controllers, readiness and metrics.
@@ -248,8 +237,8 @@ async fn restart_with_300_finished_bakes_writes_nothing_and_lists_each_kind_once
         "the restarted operator listed Bakes {bake_lists} times"
     );
     assert_eq!(
-        lists, 5,
-        "one LIST each of Bakes, pods, BakeTemplates, AmiCatalogs and BakeSchedules, not {lists}"
+        lists, 6,
+        "one LIST each of Bakes, pods, BakeTemplates, AmiCatalogs, BakeSchedules and AmiChannels, not {lists}"
     );
     assert_eq!(
         after, before,

@@ -11,38 +11,9 @@ use baker::api::{Bake, BakePhase, keys};
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 
+use crate::channel::{apply_channel, wait_channel_condition};
 use crate::support::bake::*;
 use crate::support::{Rig, TestNamespace, random_suffix, try_wait_until};
-
-/// A new upstream image named `name`: a copy of the rig's hvm source image, made now.
-async fn upstream_image(rig: &Rig, name: &str) -> Result<String> {
-    let ec2 = rig.ec2();
-    let sources = ec2
-        .describe_images()
-        .owners("self")
-        .filters(
-            aws_sdk_ec2::types::Filter::builder()
-                .name("name")
-                .values("baker-rig-source-hvm-*")
-                .build(),
-        )
-        .send()
-        .await?;
-    let source = sources
-        .images()
-        .first()
-        .and_then(|i| i.image_id())
-        .context("the rig's hvm source image")?
-        .to_string();
-    let copy = ec2
-        .copy_image()
-        .source_image_id(&source)
-        .source_region(rig.region())
-        .name(name)
-        .send()
-        .await?;
-    Ok(copy.image_id().unwrap_or_default().to_string())
-}
 
 async fn apply_schedule(ns: &TestNamespace, name: &str, template: &str, service: &str) -> Result<()> {
     let yaml = format!(
@@ -150,7 +121,7 @@ async fn two_pass(prefix: &str) -> Result<TwoPass> {
     let (rig, client, ns) = namespace(prefix).await?;
     let suffix = random_suffix();
     let (base_service, app_service) = (format!("base-{suffix}"), format!("app-{suffix}"));
-    upstream_image(rig, &format!("{}-up-1", ns.name())).await?;
+    source_copy(rig, &format!("{}-up-1", ns.name())).await?;
     let catalogs = ns.api();
     apply_catalog(
         &catalogs,
@@ -191,7 +162,7 @@ async fn two_pass(prefix: &str) -> Result<TwoPass> {
 
 /// A new upstream image, and the new base and service images it leads to: (bases, apps).
 async fn new_upstream(t: &TwoPass) -> Result<(Vec<Bake>, Vec<Bake>)> {
-    let up2 = upstream_image(t.rig, &format!("{}-up-2", t.ns.name())).await?;
+    let up2 = source_copy(t.rig, &format!("{}-up-2", t.ns.name())).await?;
     let base = succeeded(&t.bakes, "base", 2).await?;
     ensure!(
         source(&base[1]) == up2,
@@ -258,6 +229,18 @@ async fn revoking_a_base_image_deprecates_it_and_the_service_rebakes_on_the_newe
     let t = two_pass("revoke").await?;
     let (base, _) = new_upstream(&t).await?;
     let (good, bad) = (ami(&base[0]), ami(&base[1]));
+    // Two channels on the base catalog: one pinned to the base about to be revoked, one
+    // following the newest base.
+    let channels: Api<baker::api::channel::AmiChannel> = t.ns.api();
+    apply_channel(&channels, "prod", &format!("catalog: base\nimageId: {bad}")).await?;
+    apply_channel(&channels, "edge", "catalog: base\nfollow: Latest").await?;
+    for name in ["prod", "edge"] {
+        let c = wait_channel_condition(&channels, name, "Ready", "True", "Published").await?;
+        ensure!(
+            c.status.and_then(|s| s.image_id) == Some(bad.clone()),
+            "{name} on {bad}"
+        );
+    }
     let catalogs = t.ns.api();
     apply_catalog(
         &catalogs,
@@ -288,6 +271,27 @@ async fn revoking_a_base_image_deprecates_it_and_the_service_rebakes_on_the_newe
         .and_then(|i| i.deprecation_time())
         .map(str::to_string);
     ensure!(deprecation.is_some(), "EC2 deprecates the revoked base");
+
+    // The pinned channel stays and says why; the following one moves back to the good base.
+    let prod = wait_channel_condition(&channels, "prod", "Degraded", "True", "Revoked").await?;
+    ensure!(
+        prod.status.and_then(|s| s.image_id) == Some(bad.clone()),
+        "a pinned channel never moves on its own"
+    );
+    let edge = wait_channel_condition(&channels, "edge", "Ready", "True", "Published").await?;
+    let edge = edge.status.context("status")?;
+    ensure!(
+        edge.image_id == Some(good.clone()),
+        "the following channel moved to {good}: {:?}",
+        edge.image_id
+    );
+    ensure!(
+        edge.history.first().is_some_and(|m| m.reason.contains("revoked")),
+        "{:?}",
+        edge.history
+    );
+    let degraded = event_notes(&t.ns, "Degraded").await?;
+    ensure!(degraded.iter().any(|n| n.contains(&bad)), "{degraded:?}");
 
     // The service built on it is outdated, and rebakes on the newest base not revoked (reusing
     // the service image already built on that base: nothing else changed).

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds the rig's control plane (kube-apiserver, kube-controller-manager, kube-scheduler, kubectl),
-# etcd and helm from the Go modules pinned in tests/rig/{k8s,etcd,helm}, into a per-machine cache
-# keyed by version. A build whose stamp matches is skipped, so only the first run on a machine pays.
+# etcd and helm, and the real node's kubelet and containerd, from the Go modules pinned in
+# tests/rig/{k8s,etcd,helm,containerd}, into a per-machine cache keyed by version. A build whose stamp matches is skipped, so only the first run on a machine pays.
 #
 # Usage: tests/rig/build-tools.sh            # prints the bin directory on the last line
 # Env:   BAKER_CACHE_DIR  cache root (default: ${XDG_CACHE_HOME:-$HOME/.cache}/baker)
@@ -11,6 +11,7 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 K8S_VERSION=1.37.2
 ETCD_VERSION=3.6.16
 HELM_VERSION=3.21.4
+CONTAINERD_VERSION=2.4.2
 cache=${BAKER_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/baker}
 bin="$cache/bin/k8s-v$K8S_VERSION-etcd-v$ETCD_VERSION-helm-v$HELM_VERSION"
 
@@ -43,11 +44,11 @@ built() { [ -x "$bin/$1" ] && [ "$(cat "$bin/.$1.stamp" 2>/dev/null)" = "$2" ]; 
 build_k8s() {
 	local stamp; stamp=$(stamp_of k8s)
 	if built kube-apiserver "$stamp" && built kube-controller-manager "$stamp" &&
-		built kube-scheduler "$stamp" && built kubectl "$stamp"; then
+		built kube-scheduler "$stamp" && built kubectl "$stamp" && built kubelet "$stamp"; then
 		return
 	fi
 	need_go
-	log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl v$K8S_VERSION (first run on this machine takes a while)"
+	log "building kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kubelet v$K8S_VERSION (first run on this machine takes a while)"
 	local minor=${K8S_VERSION#1.}; minor=${minor%%.*}
 	local commit
 	commit=$(cd "$here/k8s" && go list -m -json "k8s.io/kubernetes" | sed -n 's/.*"Hash": "\(.*\)".*/\1/p' | head -1)
@@ -62,8 +63,8 @@ build_k8s() {
 	mkdir -p "$bin"
 	(cd "$here/k8s" && with_progress "the control plane" go build -trimpath -tags=selinux,notest,grpcnotrace -ldflags "$ldf" -o "$bin/" \
 		k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager \
-		k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl)
-	for p in kube-apiserver kube-controller-manager kube-scheduler kubectl; do echo "$stamp" >"$bin/.$p.stamp"; done
+		k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet)
+	for p in kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet; do echo "$stamp" >"$bin/.$p.stamp"; done
 }
 
 build_etcd() {
@@ -91,12 +92,30 @@ build_helm() {
 	echo "$stamp" >"$bin/.helm.stamp"
 }
 
+# containerd, its runc shim and ctr, as containerd's own Makefile builds them without cgo (btrfs,
+# which needs cgo, is left out; the real node uses overlayfs).
+build_containerd() {
+	local stamp; stamp=$(stamp_of containerd)
+	built containerd "$stamp" && built containerd-shim-runc-v2 "$stamp" && built ctr "$stamp" && return
+	need_go
+	log "building containerd, containerd-shim-runc-v2, ctr v$CONTAINERD_VERSION"
+	mkdir -p "$bin"
+	local m=github.com/containerd/containerd/v2
+	local ldf="-s -w -X $m/version.Version=v$CONTAINERD_VERSION -X $m/version.Package=$m"
+	(cd "$here/containerd" &&
+		with_progress containerd go build -trimpath -tags urfave_cli_no_docs -ldflags "$ldf" -o "$bin/" \
+			"$m/cmd/containerd" "$m/cmd/ctr" &&
+		go build -trimpath -tags 'urfave_cli_no_docs no_grpc' -ldflags "$ldf" -o "$bin/" "$m/cmd/containerd-shim-runc-v2")
+	for p in containerd containerd-shim-runc-v2 ctr; do echo "$stamp" >"$bin/.$p.stamp"; done
+}
+
 case "${1:-all}" in
-all) build_etcd; build_k8s; build_helm ;;
+all) build_etcd; build_k8s; build_helm; build_containerd ;;
 k8s) build_k8s ;;
 etcd) build_etcd ;;
 helm) build_helm ;;
+containerd) build_containerd ;;
 bindir) ;;
-*) log "usage: $0 [all|k8s|etcd|helm|bindir]"; exit 2 ;;
+*) log "usage: $0 [all|k8s|etcd|helm|containerd|bindir]"; exit 2 ;;
 esac
 echo "$bin"

@@ -56,6 +56,17 @@ PY
 	fail "ports of the rig are still bound: $busy"
 fi
 
+# What the real node (real-node.sh) makes outside the state dir, if this rig ran one.
+if [ -e "$snap/pids/kubelet.pid" ]; then
+	[ -e /run/netns/baker-rig-pods ] && fail "the real node's network namespace baker-rig-pods remains"
+	for cg in /sys/fs/cgroup/*/baker-rig-kubelet; do
+		[ -e "$cg" ] && fail "the real node's cgroup $cg remains"
+	done
+fi
+if findmnt -rn -o TARGET | grep -qF "$state/"; then
+	fail "mounts under $state remain: $(findmnt -rn -o TARGET | grep -F "$state/" | head -3 | tr '\n' ' ')"
+fi
+
 if [ "$failures" -gt 0 ]; then
 	printf '[check-down] %d problem(s) after rig.sh down of %s\n' "$failures" "$state" >&2
 	exit 1

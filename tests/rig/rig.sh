@@ -8,6 +8,8 @@
 #   down    stop exactly the processes this rig started, then remove its state directory.
 #   status  print each component; exit 0 if all run, 3 if none does (or no rig), 1 if some do.
 #   leftovers  list processes of this rig still running (exit 1 if any); used after `down`.
+#   real-node  start the real node (kubelet and containerd, see real-node.sh) on a running rig;
+#           needs `make images`. `up` starts it too when BAKER_RIG_REAL_NODE=1.
 #   reset-ec2  empty moto's EC2 state (back to the rig's source images). moto renders
 #           DescribeImages in time that grows with images times tags, so a long-lived rig slows
 #           down; `make test` resets it before the tests.
@@ -17,6 +19,7 @@
 #   BAKER_CACHE_DIR      per-machine cache (default: ${XDG_CACHE_HOME:-$HOME/.cache}/baker)
 #   BAKER_RIG_NODE_NAME  the local node's name (default: baker-rig-node)
 #   BAKER_RIG_NODE_BIN   use this baker-rig-node binary instead of building it with cargo
+#   BAKER_RIG_REAL_NODE  1: `up` also starts the real node
 #   CARGO_TARGET_DIR     honoured when building the node
 set -euo pipefail
 
@@ -33,6 +36,8 @@ COMPONENTS=(moto etcd kube-apiserver kube-controller-manager kube-scheduler node
 
 state=$(realpath -m "${BAKER_RIG_DIR:-$root/target/rig}")
 pki=$state/pki logs=$state/logs pids=$state/pids
+# shellcheck source=tests/rig/real-node.sh
+. "$here/real-node.sh"
 
 # Packer phones home (checkpoint) unless told not to; the rig never dials beyond loopback.
 export CHECKPOINT_DISABLE=1
@@ -94,7 +99,7 @@ wait_for() { # name timeout-seconds what cmd...: poll cmd until it succeeds, fai
 ensure_tools() {
 	bin=$("$here/build-tools.sh" all | tail -n 1) || die "tests/rig/build-tools.sh failed"
 	local t
-	for t in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm; do
+	for t in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl helm kubelet containerd; do
 		[ -x "$bin/$t" ] || die "$bin/$t is missing after tests/rig/build-tools.sh"
 	done
 }
@@ -179,9 +184,13 @@ ensure_pki() {
 	local server='subjectAltName=IP:127.0.0.1,DNS:localhost
 extendedKeyUsage=serverAuth
 keyUsage=critical,digitalSignature'
+	# 10.0.0.1 is the `kubernetes` Service's address, where pods on the real node find the API server.
+	local apiserver='subjectAltName=IP:127.0.0.1,IP:10.0.0.1,DNS:localhost,DNS:kubernetes.default.svc
+extendedKeyUsage=serverAuth
+keyUsage=critical,digitalSignature'
 	local client='extendedKeyUsage=clientAuth
 keyUsage=critical,digitalSignature'
-	mkcert apiserver "/CN=kube-apiserver" "$server"
+	mkcert apiserver "/CN=kube-apiserver" "$apiserver"
 	mkcert node-serving "/CN=$NODE_NAME" "$server"
 	mkcert admin "/O=system:masters/CN=baker-rig-admin" "$client"
 	mkcert apiserver-kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$client"
@@ -190,6 +199,8 @@ keyUsage=critical,digitalSignature'
 	mkcert kube-scheduler "/CN=system:kube-scheduler" "$client"
 	# Without the Node authorizer no role is bound to system:nodes, so the node is a master.
 	mkcert node "/O=system:nodes/O=system:masters/CN=system:node:$NODE_NAME" "$client"
+	mkcert real-node "/O=system:nodes/O=system:masters/CN=system:node:$REAL_NODE_NAME" "$client"
+	mkcert kubelet-serving "/CN=$REAL_NODE_NAME" "$server"
 	if [ ! -s "$pki/sa.pub" ]; then
 		openssl genrsa -out "$pki/sa.key" 2048 2>/dev/null
 		openssl rsa -in "$pki/sa.key" -pubout -out "$pki/sa.pub.tmp" 2>/dev/null
@@ -229,7 +240,7 @@ EOF
 # while a component of it is down. Ports come from below the ephemeral range, so outgoing
 # connections cannot take them between picking and binding.
 
-PORT_NAMES=(ETCD_PORT ETCD_PEER_PORT APISERVER_PORT KCM_PORT SCHEDULER_PORT NODE_PORT MOTO_PORT)
+PORT_NAMES=(ETCD_PORT ETCD_PEER_PORT APISERVER_PORT KCM_PORT SCHEDULER_PORT NODE_PORT MOTO_PORT KUBELET_PORT)
 
 ensure_ports() {
 	if [ ! -s "$state/ports" ]; then
@@ -378,6 +389,7 @@ export BAKER_RIG_BIN=$(q "$bin")
 export BAKER_RIG_NODE_NAME=$(q "$NODE_NAME")
 export KUBECONFIG=$(q "$state/kubeconfig")
 export AWS_ENDPOINT_URL_EC2=$(q "http://127.0.0.1:$MOTO_PORT")
+export AWS_ENDPOINT_URL_SSM=$(q "http://127.0.0.1:$MOTO_PORT")
 export AWS_REGION=$(q "$REGION")
 export AWS_DEFAULT_REGION=$(q "$REGION")
 export AWS_ACCESS_KEY_ID='testing'
@@ -386,6 +398,17 @@ export AWS_EC2_METADATA_DISABLED='true'
 export CHECKPOINT_DISABLE='1'
 export PATH=$(q "$bin")":\$PATH"
 EOF
+	if [ -d "$rn" ]; then
+		cat >>"$state/env.tmp" <<EOF
+# The real node (real-node.sh): its name, the taint and label pods need to run there, the tag of
+# Baker's images on it, and the EC2 endpoint as its pods reach it.
+export BAKER_RIG_REAL_NODE_NAME=$(q "$REAL_NODE_NAME")
+export BAKER_RIG_REAL_NODE_TAINT=$(q "$REAL_TAINT")
+export BAKER_RIG_REAL_NODE_IMAGE_TAG=$(q "$REAL_IMAGE_TAG")
+export BAKER_RIG_POD_EC2_ENDPOINT=$(q "http://10.88.0.1:$MOTO_PORT")
+export BAKER_RIG_CONTAINERD_SOCKET=$(q "$rn/containerd/sock")
+EOF
+	fi
 	mv "$state/env.tmp" "$state/env"
 }
 
@@ -403,6 +426,7 @@ cmd_up() {
 	kubeconfig "$state/kube-controller-manager.kubeconfig" kube-controller-manager
 	kubeconfig "$state/kube-scheduler.kubeconfig" kube-scheduler
 	kubeconfig "$state/node.kubeconfig" node
+	kubeconfig "$state/real-node.kubeconfig" real-node
 	echo "$node_bin" >"$state/node-bin"
 
 	# moto and etcd are independent of the rest: start both, then wait.
@@ -426,6 +450,9 @@ cmd_up() {
 	wait_for node 60 "node $NODE_NAME to be Ready" node_ready
 	wait_for kube-controller-manager 60 "the ServiceAccount default/default (made by the controller-manager)" \
 		kubectl_rig -n default get serviceaccount default
+	if [ "${BAKER_RIG_REAL_NODE:-}" = 1 ] || [ -d "$rn" ]; then
+		start_real_node
+	fi
 	write_env
 	log "up in $((SECONDS - t0))s: state in $state"
 	log "use it: source $state/env   (or: kubectl --kubeconfig $state/kubeconfig get nodes)"
@@ -493,6 +520,10 @@ cmd_down() {
 		rm -rf "$state"
 		return
 	fi
+	if [ -d "$rn" ]; then
+		[ -n "${bin:-}" ] || bin=$("$here/build-tools.sh" bindir | tail -n 1)
+		stop_real_node
+	fi
 	local i name pid
 	for ((i = ${#COMPONENTS[@]} - 1; i >= 0; i--)); do
 		name=${COMPONENTS[i]}
@@ -521,12 +552,15 @@ cmd_status() {
 		# shellcheck disable=SC1091
 		. "$state/ports"
 	fi
-	local name pid running=0 total=${#COMPONENTS[@]} port
-	for name in "${COMPONENTS[@]}"; do
+	local name pid running=0 port all=("${COMPONENTS[@]}")
+	[ -d "$rn" ] && all+=("${REAL_COMPONENTS[@]}")
+	local total=${#all[@]}
+	for name in "${all[@]}"; do
 		pid=$(pid_of "$name")
 		case $name in
 		moto) port=${MOTO_PORT:-} ;; etcd) port=${ETCD_PORT:-} ;; kube-apiserver) port=${APISERVER_PORT:-} ;;
 		kube-controller-manager) port=${KCM_PORT:-} ;; kube-scheduler) port=${SCHEDULER_PORT:-} ;; node) port=${NODE_PORT:-} ;;
+		kubelet | real-proxy-kubelet-host) port=${KUBELET_PORT:-} ;; *) port=- ;;
 		esac
 		if ours "$pid"; then
 			running=$((running + 1))
@@ -575,12 +609,18 @@ cmd_restart() { # name [KILL|TERM]
 	cmd_up
 }
 
+cmd_real_node() {
+	[ -f "$state/ports" ] || die "no rig in $state: make rig-up first"
+	BAKER_RIG_REAL_NODE=1 cmd_up
+}
+
 case "${1:-}" in
 up) cmd_up ;;
+real-node) cmd_real_node ;;
 restart) shift; cmd_restart "$@" ;;
 reset-ec2) cmd_reset_ec2 ;;
 down) cmd_down ;;
 status) cmd_status ;;
 leftovers) cmd_leftovers ;;
-*) echo "usage: $0 up|down|status|leftovers|reset-ec2|restart <component> [KILL|TERM]" >&2; exit 2 ;;
+*) echo "usage: $0 up|real-node|down|status|leftovers|reset-ec2|restart <component> [KILL|TERM]" >&2; exit 2 ;;
 esac

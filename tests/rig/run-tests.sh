@@ -67,6 +67,34 @@ if ! "$rig" reset-ec2; then
 	exit 1
 fi
 
+# The images the `images` tests run with runc and the real node runs (rebuilt only when their
+# inputs changed).
+images_rc=0
+if [ -z "${ONLY:-}" ] || [[ "$ONLY" == *images* ]] || [[ "$ONLY" == *real_node* ]]; then
+	# With the debug operator the tests build anyway: a cold release build would add a quarter of
+	# an hour on two cores. `make images` builds the release image.
+	log "building the images with the debug operator (images/build.sh --if-stale)"
+	start=$SECONDS
+	if (cd "$root" && cargo build --quiet --bin baker) &&
+		BAKER_BIN=${CARGO_TARGET_DIR:-$root/target}/debug/baker "$root/images/build.sh" --if-stale; then
+		log "images ready after $((SECONDS - start))s"
+	else
+		log "FAIL: images/build.sh failed; the images tests fail with it"
+		images_rc=1
+	fi
+fi
+
+# The real node (a kubelet and containerd; tests/rig/real-node.sh) runs those images: started
+# once they are built. Its tests (the `real_node` module) fail without it.
+node_rc=0
+if [ "$images_rc" = 0 ] && { [ -z "${ONLY:-}" ] || [[ "$ONLY" == *real_node* ]]; }; then
+	log "starting the real node (tests/rig/rig.sh real-node)"
+	if ! "$rig" real-node; then
+		log "FAIL: the real node did not come up; the real_node tests fail with it"
+		node_rc=1
+	fi
+fi
+
 # shellcheck disable=SC1091
 . "$state/env"
 start=$SECONDS
@@ -96,6 +124,14 @@ fi
 
 if [ "$tests_rc" != 0 ]; then
 	exit "$tests_rc"
+fi
+if [ "$images_rc" != 0 ]; then
+	log "FAIL: the images could not be built (see above)"
+	exit 1
+fi
+if [ "$node_rc" != 0 ]; then
+	log "FAIL: the real node did not come up (see above)"
+	exit 1
 fi
 if [ "$checks_rc" != 0 ]; then
 	log "FAIL: the rig's own checks failed (see above)"

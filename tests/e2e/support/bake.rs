@@ -173,6 +173,8 @@ impl Operator {
             ("BAKER_AWS_CREDENTIALS_SECRET".into(), CREDENTIALS_SECRET.into()),
             ("POD_NAME".into(), name.into()),
         ];
+        // moto serves SSM on the same endpoint as EC2.
+        vars.push(("AWS_ENDPOINT_URL_SSM".into(), rig.ec2_endpoint().to_string()));
         for key in [
             "AWS_ENDPOINT_URL_EC2",
             "AWS_REGION",
@@ -1090,4 +1092,35 @@ impl Drop for CountingProxy {
     fn drop(&mut self) {
         self.switch_off();
     }
+}
+
+/// A new image named `name`, owned by the rig's account: a copy of the rig's hvm source image,
+/// made now (the rig's moto makes copies EBS-rooted, so packer accepts them as a source).
+pub async fn source_copy(rig: &Rig, name: &str) -> Result<String> {
+    let ec2 = rig.ec2();
+    let sources = ec2
+        .describe_images()
+        .owners("self")
+        .filters(
+            aws_sdk_ec2::types::Filter::builder()
+                .name("name")
+                .values("baker-rig-source-hvm-*")
+                .build(),
+        )
+        .send()
+        .await?;
+    let source = sources
+        .images()
+        .first()
+        .and_then(|i| i.image_id())
+        .context("the rig's hvm source image")?
+        .to_string();
+    let copy = ec2
+        .copy_image()
+        .source_image_id(&source)
+        .source_region(rig.region())
+        .name(name)
+        .send()
+        .await?;
+    Ok(copy.image_id().unwrap_or_default().to_string())
 }

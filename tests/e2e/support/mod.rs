@@ -8,6 +8,7 @@
 
 pub mod bake;
 pub mod render;
+pub mod runc;
 pub mod ship;
 
 use std::collections::BTreeMap;
@@ -37,6 +38,16 @@ pub const TEST_LABEL: (&str, &str) = ("baker.io/test", "true");
 pub struct Rig {
     dir: PathBuf,
     env: BTreeMap<String, String>,
+}
+
+/// The repository's root (the crate's manifest directory).
+pub fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Helm chart, `charts/baker`.
+pub fn chart_dir() -> PathBuf {
+    repo().join("charts/baker")
 }
 
 /// The rig, found once per test binary. Panics with instructions when there is none.
@@ -130,16 +141,21 @@ impl Rig {
         Ok(Client::try_from(config)?)
     }
 
-    /// An EC2 client for the rig's moto endpoint, with its region and dummy credentials.
-    pub fn ec2(&self) -> aws_sdk_ec2::Client {
-        use aws_sdk_ec2::config::{BehaviorVersion, Credentials, Region};
-        let creds = Credentials::new(
+    /// The rig's dummy AWS credentials.
+    fn credentials(&self) -> aws_sdk_ec2::config::Credentials {
+        aws_sdk_ec2::config::Credentials::new(
             self.var("AWS_ACCESS_KEY_ID"),
             self.var("AWS_SECRET_ACCESS_KEY"),
             None,
             None,
             "baker-rig",
-        );
+        )
+    }
+
+    /// An EC2 client for the rig's moto endpoint, with its region and dummy credentials.
+    pub fn ec2(&self) -> aws_sdk_ec2::Client {
+        use aws_sdk_ec2::config::{BehaviorVersion, Region};
+        let creds = self.credentials();
         let config = aws_sdk_ec2::Config::builder()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(self.region().to_owned()))
@@ -147,6 +163,19 @@ impl Rig {
             .credentials_provider(creds)
             .build();
         aws_sdk_ec2::Client::from_conf(config)
+    }
+
+    /// An SSM client for the rig's moto endpoint (which serves SSM too).
+    pub fn ssm(&self) -> aws_sdk_ssm::Client {
+        use aws_sdk_ssm::config::{BehaviorVersion, Region};
+        let creds = self.credentials();
+        let config = aws_sdk_ssm::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(self.region().to_owned()))
+            .endpoint_url(self.ec2_endpoint())
+            .credentials_provider(creds)
+            .build();
+        aws_sdk_ssm::Client::from_conf(config)
     }
 
     /// A command with the rig's environment: its bin dir first on PATH, its KUBECONFIG, the EC2
@@ -166,6 +195,17 @@ impl Rig {
     {
         let mut cmd = self.command(self.bin_dir().join("kubectl"));
         cmd.arg("--kubeconfig").arg(self.kubeconfig_path()).args(args);
+        run(cmd).await
+    }
+
+    /// Runs the rig's helm against the rig.
+    pub async fn helm<I, S>(&self, args: I) -> Result<CmdOutput>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<std::ffi::OsStr>,
+    {
+        let mut cmd = self.command(self.bin_dir().join("helm"));
+        cmd.env("KUBECONFIG", self.kubeconfig_path()).args(args);
         run(cmd).await
     }
 }
@@ -499,12 +539,26 @@ pub async fn wait_for_object<K>(
     cond: impl Fn(&K) -> bool,
 ) -> Result<K>
 where
-    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K: Resource + Clone + DeserializeOwned + serde::Serialize + std::fmt::Debug,
 {
-    try_wait_until(timeout, what, || async {
-        Ok(api.get_opt(name).await?.filter(|o| cond(o)))
+    // On timeout the failure shows the status last seen: the state it was stuck in.
+    let last = std::sync::Mutex::new(None::<serde_json::Value>);
+    let found = try_wait_until(timeout, what, || async {
+        let object = api.get_opt(name).await?;
+        if let Some(o) = &object {
+            let status = serde_json::to_value(o)?.get("status").cloned();
+            *last.lock().map_err(|_| anyhow!("poisoned"))? = Some(status.unwrap_or_default());
+        }
+        Ok(object.filter(|o| cond(o)))
     })
-    .await
+    .await;
+    found.map_err(|e| {
+        let seen = last.lock().ok().and_then(|l| l.clone());
+        match seen {
+            Some(status) => anyhow!("{e:#}; {name}'s last status: {status}"),
+            None => anyhow!("{e:#}; {name} was never seen"),
+        }
+    })
 }
 
 /// Waits until the object `name` no longer exists.
