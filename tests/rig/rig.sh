@@ -543,6 +543,13 @@ cmd_down() {
 	[ -z "$left" ] || die "processes of the rig survived: $left"
 	lock
 	release_ports
+	# The logs outlive the state dir, so a failed start can still be read (its error names them).
+	local kept
+	kept="$(dirname "$state")/rig-logs"
+	rm -rf "$kept"
+	if [ -d "$state/logs" ] && cp -r "$state/logs" "$kept"; then
+		log "logs kept in $kept"
+	fi
 	rm -rf "$state"
 	log "down: removed $state"
 }

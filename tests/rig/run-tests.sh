@@ -37,9 +37,6 @@ if [ -f "$state/demo/operator.pid" ] && kill -0 "$(cat "$state/demo/operator.pid
 fi
 
 teardown() {
-	# Logs outlive the state dir, for looking at after a failure.
-	rm -rf "$root/target/rig-logs"
-	[ -d "$state/logs" ] && mkdir -p "$root/target" && cp -r "$state/logs" "$root/target/rig-logs"
 	local snap
 	snap=$(mktemp -d "${TMPDIR:-/tmp}/baker-rig-snapshot.XXXXXX")
 	cp -r "$state/pids" "$state/ports" "$snap/" 2>/dev/null || true
@@ -47,7 +44,6 @@ teardown() {
 	"$rig" down || rc=1
 	"$here/check-down.sh" "$state" "$snap" || rc=1
 	rm -rf "$snap"
-	log "rig logs kept in target/rig-logs"
 	return "$rc"
 }
 
