@@ -28,7 +28,7 @@ images: ## build the operator and bake images from Debian packages (mmdebstrap, 
 test: ## all tests against the rig (brought up, and down at the end, if it was not up); ONLY=<filter> runs just the e2e tests matching it
 	tests/rig/run-tests.sh
 
-bench: ## scale benchmark on the rig, full size, release operator (about 35 min): table, and target/bench/report.json
+bench: ## scale benchmark on the rig, full size, release operator (about 15 min): table, and target/bench/report.json
 	tests/rig/bench.sh full
 
 bench-ci: ## the same at small size with the debug operator (a few minutes); fails if a count misses its goal

@@ -33,8 +33,7 @@ pub struct Sizes {
     /// The CI size: deterministic counts are asserted.
     pub small: bool,
     /// How long the queue phase may drain before it is stopped and reported as far as it got:
-    /// moto slows with every image, and a queue that never drains must not keep the table from
-    /// printing. `BAKER_BENCH_QUEUE_BUDGET_SECONDS` overrides it.
+    /// a slow EC2 (the rig's moto is one Python process) must not keep the table from printing. `BAKER_BENCH_QUEUE_BUDGET_SECONDS` overrides it.
     pub queue_budget: Duration,
 }
 
@@ -722,9 +721,9 @@ pub async fn queue(bench: &Bench, sizes: &Sizes, figures: &mut Vec<Figure>) -> R
                 sizes.q,
                 crate::harness::tail(&op.op.log(), 30)
             );
-            // At the CI size a stall is a regression. At full size moto, the rig's single Python
-            // EC2, can stop answering under hundreds of images and ten packers: the queue is then
-            // reported as far as it got, like one out of budget, so the table still prints.
+            // At the CI size a stall is a regression. At full size the rig's moto, one Python
+            // process, can stop answering under a thousand images and ten packers: the queue is
+            // then reported as far as it got, like one out of budget, so the table still prints.
             if sizes.small {
                 bail!(message);
             }
