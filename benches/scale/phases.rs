@@ -33,7 +33,8 @@ pub struct Sizes {
     /// The CI size: deterministic counts are asserted.
     pub small: bool,
     /// How long the queue phase may drain before it is stopped and reported as far as it got:
-    /// a slow EC2 (the rig's moto is one Python process) must not keep the table from printing. `BAKER_BENCH_QUEUE_BUDGET_SECONDS` overrides it.
+    /// a slow EC2 (the rig's moto is one Python process) must not keep the table from printing.
+    /// `BAKER_BENCH_QUEUE_BUDGET_SECONDS` overrides it.
     pub queue_budget: Duration,
 }
 
